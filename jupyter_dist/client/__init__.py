@@ -1,0 +1,1 @@
+"""The client side, in the notebook kernel: Cluster, views, futures."""

@@ -1,0 +1,263 @@
+"""``Cluster``: start or connect to a cluster; the view over all of its engines.
+
+A thin facade: views do the work, ``Connection`` does the I/O, launchers
+start processes. Blocking waits here forward a Ctrl-C to the engines
+running the awaited work.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import secrets
+import time
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jupyter_dist import connection_file
+from jupyter_dist.client.connection import Connection
+from jupyter_dist.client.futures import Future, MultiFuture
+from jupyter_dist.client.view import View
+from jupyter_dist.connection_file import ClusterInfo
+from jupyter_dist.errors import ConnectionFileError, DistTimeoutError, LauncherError
+from jupyter_dist.launchers import local
+from jupyter_dist.protocol import MsgType
+
+START_TIMEOUT_S = 60.0
+LOG_TAIL_LINES = 20
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStatus:
+    """One engine as ``c.status()`` and ``%dist status`` show it."""
+
+    engine_id: int
+    host: str
+    pid: int
+    state: str
+    cpu_percent: float | None
+    rss_bytes: int | None
+    gpus: list[dict[str, Any]] = field(default_factory=list)
+    task_id: str | None = None
+    queued: int = 0
+    exit_code: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TaskInfo:
+    """One recent task as ``c.history()`` lists it."""
+
+    task_id: str
+    kind: str
+    engine_id: int | None
+    state: str
+    submitted: float
+    finished: float | None
+
+
+def _log_tail(path: str) -> str:
+    try:
+        lines = Path(path).read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return "\n".join(lines[-LOG_TAIL_LINES:])
+
+
+def _task_ids(future: concurrent.futures.Future[Any]) -> list[str]:
+    if isinstance(future, MultiFuture):
+        return [i for child in future.children for i in _task_ids(child)]
+    return [future.id] if isinstance(future, Future) else []
+
+
+class Cluster(View):
+    """A running cluster: its controller and engines, and the view over all engines.
+
+    Examples
+    --------
+    >>> import jupyter_dist as jd
+    >>> with jd.Cluster.start(n=2) as c:
+    ...     c.run("x = 21")
+    ...     c.apply(lambda: x * 2)  # noqa: F821 - x lives on the engines
+    [42, 42]
+    """
+
+    def __init__(self, path: str | Path, info: ClusterInfo, is_owner: bool = False) -> None:
+        self.id = info.cluster_id
+        self.connection_file = str(path)
+        self.connection = Connection(info)
+        self._is_owner = is_owner
+        super().__init__(self, None)
+        self.status()
+
+    def __repr__(self) -> str:
+        return f"<Cluster {self.id!r}: {len(self.live_engine_ids())} engines>"
+
+    # ---- starting and connecting -------------------------------------
+
+    @classmethod
+    def start(
+        cls, n: int = 4, ip: str = "127.0.0.1", timeout_s: float = START_TIMEOUT_S
+    ) -> Cluster:
+        """Start a controller and ``n`` local engines; return once all ``n`` are registered.
+
+        The cluster runs in processes of its own and outlives this kernel:
+        ``c.stop()`` ends it, ``c.close()`` only detaches.
+
+        Raises
+        ------
+        LauncherError
+            The controller or an engine did not start; the message holds its log.
+        """
+        if n < 0:
+            raise ValueError(f"n must be 0 or more engines, not {n}")
+        cluster_id = secrets.token_hex(4)
+        process = local.start_controller(cluster_id, n, ip, connection_file.runtime_dir())
+        path = connection_file.path_for(cluster_id)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if path.exists():
+                try:
+                    info = connection_file.read(path)
+                    break
+                except ConnectionFileError:
+                    pass  # being written right now
+            if process.poll() is not None:
+                raise LauncherError(
+                    f"The controller of cluster {cluster_id!r} exited with code {process.returncode} "
+                    f"before it was ready. Its log ({process.log_path}) ends with:\n{_log_tail(process.log_path)}"
+                )
+            if time.monotonic() > deadline:
+                process.kill()
+                raise LauncherError(
+                    f"The controller of cluster {cluster_id!r} did not start within {timeout_s} s."
+                )
+            time.sleep(0.02)
+        cluster = cls(path, info, is_owner=True)
+        try:
+            cluster.wait_for_engines(n, max(1.0, deadline - time.monotonic()))
+        except LauncherError:
+            cluster.stop()
+            raise
+        return cluster
+
+    @classmethod
+    def connect(cls, cluster: str | Path | None = None) -> Cluster:
+        """Attach to a running cluster by id, by connection-file path, or (None) the newest one."""
+        path, info = connection_file.find(cluster)
+        return cls(path, info)
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._is_owner:
+            self.stop()
+        else:
+            self.close()
+
+    def close(self) -> None:
+        """Detach from the cluster; it keeps running (``Cluster.connect`` finds it again)."""
+        self.connection.close()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop the controller and every engine, then detach."""
+        try:
+            self.connection.request(MsgType.SHUTDOWN_REQUEST, {}, timeout_s)
+        finally:
+            self.connection.close()
+        process_gone = time.monotonic() + timeout_s
+        while connection_file.path_for(self.id).exists() and time.monotonic() < process_gone:
+            time.sleep(0.02)
+
+    # ---- engines -----------------------------------------------------
+
+    def live_engine_ids(self) -> list[int]:
+        return list(self.connection.engine_ids)
+
+    def __getitem__(self, key: int | slice | Sequence[int]) -> View:
+        """``c[0]``: one engine; ``c[0:2]``: a slice of the engine ids; ``c[[1, 3]]``: those engines."""
+        if isinstance(key, int):
+            return View(self, [key], is_single=True)
+        if isinstance(key, slice):
+            return View(self, self.engine_ids[key])
+        return View(self, [int(k) for k in key])
+
+    def status(self) -> list[EngineStatus]:
+        """One record per engine: id, host, pid, state, CPU, memory, GPUs, the task at hand."""
+        reply = self.connection.request(MsgType.STATUS_REQUEST, {})
+        records = [
+            EngineStatus(
+                engine_id=e["engine_id"],
+                host=e["host"],
+                pid=e["pid"],
+                state=e["state"],
+                cpu_percent=e.get("cpu_percent"),
+                rss_bytes=e.get("rss_bytes"),
+                gpus=e.get("gpus", []),
+                task_id=e.get("task_id"),
+                queued=e.get("queued", 0),
+                exit_code=e.get("exit_code"),
+            )
+            for e in reply.content["engines"]
+        ]
+        self.connection.update_state(reply.content)
+        return records
+
+    def wait_for_engines(self, n: int, timeout_s: float = START_TIMEOUT_S) -> None:
+        """Wait until at least ``n`` engines are registered and alive."""
+        deadline = time.monotonic() + timeout_s
+        while len(self.live_engine_ids()) < n:
+            failures = self.connection.state.get("launch_failures", [])
+            if failures:
+                failure = failures[0]
+                raise LauncherError(
+                    f"An engine of cluster {self.id!r} (pid {failure['pid']}) exited with code "
+                    f"{failure['exit_code']} before it registered. Its log ({failure['log']}) ends with:\n"
+                    f"{_log_tail(failure['log'])}"
+                )
+            if time.monotonic() > deadline:
+                raise DistTimeoutError(
+                    f"Cluster {self.id!r} has {len(self.live_engine_ids())} of {n} engines after {timeout_s} s. "
+                    "Look at the engine logs in the Jupyter runtime directory (`jupyter --runtime-dir`)."
+                )
+            time.sleep(0.05)
+            self.status()
+
+    # ---- results -----------------------------------------------------
+
+    def wait(self, future: Future) -> Any:
+        """Wait for a future's value; a Ctrl-C interrupts the engines running its work."""
+        try:
+            return future.result()
+        except KeyboardInterrupt:
+            self.connection.interrupt(task_ids=_task_ids(future))
+            raise
+
+    def wait_any(
+        self, pending: Collection[concurrent.futures.Future[Any]], task_ids: list[str]
+    ) -> tuple[set[concurrent.futures.Future[Any]], set[concurrent.futures.Future[Any]]]:
+        """Wait until one of ``pending`` is done; a Ctrl-C interrupts ``task_ids``."""
+        try:
+            done, still = concurrent.futures.wait(
+                pending, return_when=concurrent.futures.FIRST_COMPLETED
+            )
+        except KeyboardInterrupt:
+            self.connection.interrupt(task_ids=task_ids)
+            raise
+        return set(done), set(still)
+
+    def get_result(self, task_id: str, timeout_s: float | None = None) -> Any:
+        """The value of any task of this cluster by id, also one that finished while no client was connected.
+
+        Raises the task's error, or ``ClusterError`` if the cluster does not know the id.
+        """
+        future = self.connection.fetch(task_id)
+        if timeout_s is None:
+            return self.wait(future)
+        return future.result(timeout_s)
+
+    def history(self, limit: int = 100) -> list[TaskInfo]:
+        """The most recent tasks, newest first: id, kind, engine, state, submitted, finished."""
+        reply = self.connection.request(MsgType.HISTORY_REQUEST, {"limit": limit})
+        return [TaskInfo(**t) for t in reply.content["tasks"]]

@@ -1,0 +1,243 @@
+"""The client's link to a controller: one daemon I/O thread that owns the socket.
+
+The notebook's main thread may be blocked in a cell, so replies and output
+are received here and handed over through ``concurrent.futures`` futures.
+Other threads never touch the socket: they hand their sends to the loop.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import zmq
+
+from jupyter_dist.client.futures import Future, error_from_reply
+from jupyter_dist.connection_file import ClusterInfo
+from jupyter_dist.errors import ClusterError, DistTimeoutError, SerializationError
+from jupyter_dist.ioloop import IOLoop
+from jupyter_dist.protocol import Buffer, Message, MsgType, Session, new_id, send, unpack_or_drop
+from jupyter_dist.serialize import deserialize
+
+logger = logging.getLogger(__name__)
+
+# (engine id, stream name, text) -> shows a task's output; called on the I/O thread.
+OutputHandler = Callable[[int, str, str], None]
+
+
+class LineTagger:
+    """Write engine output line by line, each line tagged with its engine: ``[1] loss=0.3``."""
+
+    def __init__(self) -> None:
+        self._partial: dict[tuple[int, str], str] = {}
+
+    def __call__(self, engine_id: int, name: str, text: str) -> None:
+        key = (engine_id, name)
+        *lines, rest = (self._partial.pop(key, "") + text).split("\n")
+        if rest:
+            self._partial[key] = rest
+        if lines:
+            out = sys.stderr if name == "stderr" else sys.stdout
+            out.write("".join(f"[{engine_id}] {line}\n" for line in lines))
+
+    def flush(self, engine_id: int) -> None:
+        for name in ("stdout", "stderr"):
+            rest = self._partial.pop((engine_id, name), "")
+            if rest:
+                self(engine_id, name, rest + "\n")
+
+
+class Connection:
+    """Sends requests to a controller and resolves futures from its replies."""
+
+    def __init__(self, info: ClusterInfo, output: OutputHandler | None = None) -> None:
+        self.info = info
+        self.session = Session(bytes.fromhex(info.key))
+        self.output = output or LineTagger()
+        self._loop = IOLoop()
+        self._ctx: zmq.Context[Any] = zmq.Context()
+        self._sock: zmq.Socket[Any] | None = None
+        self.state: dict[str, Any] = {}  # the controller's latest published state
+        self.engine_ids: list[int] = []  # live engines, as last published or asked
+        self._tasks: dict[str, Future] = {}
+        self._requests: dict[str, concurrent.futures.Future[Message]] = {}
+        self._is_closed = False
+        self._thread = threading.Thread(
+            target=self._io_main, name="jupyter-dist-client-io", daemon=True
+        )
+        self._thread.start()
+
+    # ---- any thread -----------------------------------------------------
+
+    def request(
+        self, msg_type: MsgType, content: dict[str, Any], timeout_s: float = 10.0
+    ) -> Message:
+        """Send a request to the controller and wait for its reply."""
+        future: concurrent.futures.Future[Message] = concurrent.futures.Future()
+        msg_id = new_id()
+
+        def go() -> None:
+            self._requests[msg_id] = future
+            self._send(self.session.pack(msg_type, content, msg_id=msg_id))
+
+        self._call(go)
+        try:
+            return future.result(timeout_s)
+        except concurrent.futures.TimeoutError:
+            self._call(lambda: self._requests.pop(msg_id, None))
+            raise DistTimeoutError(
+                f"The controller of cluster {self.info.cluster_id!r} did not answer a {msg_type} "
+                f"within {timeout_s} s. Is it running? `jupyter-dist list` shows the running clusters."
+            ) from None
+
+    def submit(
+        self, content: dict[str, Any], signed: Sequence[Buffer] = (), raw: Sequence[Buffer] = ()
+    ) -> Future:
+        """Send a task request; the returned future resolves with its result."""
+        task_id = content["task_id"]
+        future = Future(task_id, content.get("target"), on_cancel=lambda: self.cancel([task_id]))
+
+        def go() -> None:
+            self._tasks[task_id] = future
+            self._send(
+                self.session.pack(
+                    MsgType.TASK_REQUEST, content, signed_buffers=signed, raw_buffers=raw
+                )
+            )
+
+        self._call(go)
+        return future
+
+    def fetch(self, task_id: str) -> Future:
+        """A future for a task submitted by any client, resolved from the controller's store."""
+        future = Future(task_id)
+
+        def go() -> None:
+            self._tasks[task_id] = future
+            self._send(self.session.pack(MsgType.RESULT_REQUEST, {"task_ids": [task_id]}))
+
+        self._call(go)
+        return future
+
+    def cancel(self, task_ids: list[str]) -> None:
+        self._call(
+            lambda: self._send(self.session.pack(MsgType.CANCEL_REQUEST, {"task_ids": task_ids}))
+        )
+
+    def interrupt(
+        self, task_ids: list[str] | None = None, engine_ids: list[int] | None = None
+    ) -> None:
+        content = {"task_ids": task_ids, "engine_ids": engine_ids}
+        self._call(lambda: self._send(self.session.pack(MsgType.INTERRUPT_REQUEST, content)))
+
+    def close(self) -> None:
+        """Stop the I/O thread and close the socket; pending futures fail."""
+        if self._is_closed:
+            return
+        self._is_closed = True
+        self._loop.stop()
+        self._thread.join(5)
+
+    def _call(self, fn: Callable[[], None]) -> None:
+        if self._is_closed:
+            raise ClusterError(
+                f"This client is closed; reconnect with `jd.Cluster.connect({self.info.cluster_id!r})`."
+            )
+        self._loop.call_soon_threadsafe(fn)
+
+    # ---- I/O thread -----------------------------------------------------
+
+    def _io_main(self) -> None:
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 1000)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.connect(self.info.url(self.info.client_port))
+        self._sock = sock
+        self._loop.add_socket(sock, self._on_message)
+        sub = self._ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(self.info.url(self.info.pub_port))
+        self._loop.add_socket(sub, self._on_message)
+        try:
+            self._loop.run()
+        finally:
+            sub.close(linger=0)
+            sock.close(linger=1000)
+            self._loop.close()
+            self._ctx.term()
+            error = ClusterError(
+                f"The client of cluster {self.info.cluster_id!r} was closed before this finished."
+            )
+            for future in [*self._tasks.values(), *self._requests.values()]:
+                if not future.done():
+                    future.set_exception(error)
+
+    def _send(self, frames: list[Buffer]) -> None:
+        assert self._sock is not None
+        send(self._sock, frames)
+
+    def _on_message(self, frames: list[zmq.Frame]) -> None:
+        unpacked = unpack_or_drop(self.session, frames, "the controller")
+        if unpacked is not None:
+            self._handle(unpacked[1])
+
+    def _handle(self, msg: Message) -> None:
+        if msg.msg_type == MsgType.STREAM:
+            content = msg.content
+            if content.get("task_id") in self._tasks:
+                self.output(content["engine_id"], content["name"], content["text"])
+        elif msg.msg_type in (MsgType.TASK_REPLY, MsgType.RESULT_REPLY):
+            self._resolve_task(msg)
+        elif msg.msg_type == MsgType.STATE:
+            self.update_state(msg.content)
+        else:
+            future = self._requests.pop(msg.parent.get("msg_id", ""), None)
+            if future is not None and not future.done():
+                future.set_result(msg)
+
+    def update_state(self, state: dict[str, Any]) -> None:
+        """Take a state published by, or asked of, the controller (any thread: one assignment each)."""
+        self.state = state
+        self.engine_ids = [e["engine_id"] for e in state["engines"] if e["state"] != "dead"]
+
+    def _resolve_task(self, msg: Message) -> None:
+        content = msg.content
+        status = content.get("status")
+        task_id = content.get("task_id", "")
+        if status == "pending":
+            return
+        future = self._tasks.pop(task_id, None)
+        if future is None or future.done():
+            return
+        engine_id = content.get("engine_id")
+        if engine_id is not None:
+            future.engine = engine_id
+            if isinstance(self.output, LineTagger):
+                self.output.flush(engine_id)
+        if status == "ok":
+            signed = msg.signed_buffers
+            try:
+                value = (
+                    deserialize(signed[0], msg.raw_buffers, f"the result of task {task_id}")
+                    if signed
+                    else None
+                )
+            except SerializationError as e:
+                future.set_exception(e)
+                return
+            future.set_result(value)
+        elif status == "error":
+            future.set_exception(error_from_reply(content, self.info.cluster_id))
+        else:
+            future.set_exception(
+                ClusterError(
+                    f"Cluster {self.info.cluster_id!r} has no result for task {task_id} ({status}): "
+                    "it is unknown, was cancelled, or its result was dropped from the history."
+                )
+            )

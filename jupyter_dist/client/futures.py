@@ -1,0 +1,144 @@
+"""Futures for remote work: concurrent.futures-compatible, awaitable, with jupyter-dist errors."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from collections.abc import Callable, Generator, Sequence
+from typing import Any
+
+from jupyter_dist.errors import (
+    CompositeRemoteError,
+    DistTimeoutError,
+    EngineDiedError,
+    JupyterDistError,
+    NoEnginesError,
+    RemoteError,
+    SerializationError,
+)
+
+
+class Future(concurrent.futures.Future[Any]):
+    """The result of remote work, to come.
+
+    A ``concurrent.futures.Future`` (``result(timeout)``, ``exception()``,
+    ``done()``, ``cancel()``, ``add_done_callback``) that can also be
+    awaited. ``id`` names the task (``c.get_result(id)`` fetches it later);
+    ``engine`` is the id of the engine that ran it, once known.
+    """
+
+    def __init__(
+        self, task_id: str, engine: int | None = None, on_cancel: Callable[[], None] | None = None
+    ) -> None:
+        super().__init__()
+        self.id = task_id
+        self.engine = engine
+        self._on_cancel = on_cancel
+
+    def __repr__(self) -> str:
+        return f"<Future {self.id} engine={self.engine} {self._state.lower()}>"
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return asyncio.wrap_future(self).__await__()
+
+    def cancel(self) -> bool:
+        """Cancel the work if it has not started; its result is ignored if it already runs."""
+        if not super().cancel():
+            return False
+        if self._on_cancel is not None:
+            self._on_cancel()
+        return True
+
+    def result(self, timeout: float | None = None) -> Any:
+        try:
+            return super().result(timeout)
+        except concurrent.futures.TimeoutError:
+            if self.done():
+                raise  # the remote work itself raised a TimeoutError
+            raise DistTimeoutError(
+                f"Task {self.id} did not finish within {timeout} s. It keeps running: "
+                "call `.result()` again to wait longer, or `.cancel()` it."
+            ) from None
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        try:
+            return super().exception(timeout)
+        except concurrent.futures.TimeoutError:
+            raise DistTimeoutError(f"Task {self.id} did not finish within {timeout} s.") from None
+
+
+class MultiFuture(Future):
+    """One future over several: its value is ``combine`` of their values, in order.
+
+    Failures are raised together: one engine's ``RemoteError`` as it is,
+    several as a ``CompositeRemoteError``; other errors (a dead engine) win.
+    """
+
+    def __init__(
+        self, task_id: str, children: Sequence[Future], combine: Callable[[list[Any]], Any]
+    ) -> None:
+        super().__init__(task_id, on_cancel=self._cancel_children)
+        self.children = list(children)
+        self._combine = combine
+        self._remaining = len(self.children)
+        self._lock = threading.Lock()
+        if not self.children:
+            self.set_result(combine([]))
+        for child in self.children:
+            child.add_done_callback(self._child_done)
+
+    def _cancel_children(self) -> None:
+        for child in self.children:
+            child.cancel()
+
+    def _child_done(self, _: concurrent.futures.Future[Any]) -> None:
+        with self._lock:
+            self._remaining -= 1
+            if self._remaining:
+                return
+        if self.done():
+            return
+        errors = [
+            c.exception() for c in self.children if not c.cancelled() and c.exception() is not None
+        ]
+        if any(c.cancelled() for c in self.children):
+            self.cancel()
+            return
+        if errors:
+            self.set_exception(combine_errors(errors))
+            return
+        try:
+            self.set_result(self._combine([c.result() for c in self.children]))
+        except JupyterDistError as e:
+            self.set_exception(e)
+
+
+def combine_errors(errors: Sequence[BaseException]) -> BaseException:
+    """One error for several: the first non-remote one, else one or a composite RemoteError."""
+    for error in errors:
+        if not isinstance(error, RemoteError):
+            return error
+    remote = [e for e in errors if isinstance(e, RemoteError)]
+    return remote[0] if len(remote) == 1 else CompositeRemoteError(remote)
+
+
+def error_from_reply(content: dict[str, Any], cluster_id: str) -> JupyterDistError:
+    """Build the exception a task reply describes."""
+    error = content.get("error") or {}
+    ename = error.get("ename", "Error")
+    evalue = error.get("evalue", "")
+    engine_id = content.get("engine_id")
+    if ename == "EngineDiedError" and "pid" in error:
+        return EngineDiedError(
+            engine_id if engine_id is not None else -1,
+            pid=error.get("pid"),
+            host=error.get("host", ""),
+            exit_code=error.get("exit_code"),
+            task_id=content.get("task_id", "") if error.get("was_running") else "",
+        )
+    if ename == "NoEnginesError":
+        return NoEnginesError(cluster_id, evalue)
+    if ename == "SerializationError":
+        return SerializationError(f"[engine {engine_id}] {evalue}")
+    return RemoteError(engine_id, ename, evalue, error.get("traceback", ""))

@@ -1,0 +1,58 @@
+"""Split sequences into balanced chunks for scatter, and join chunks back for gather.
+
+Lists, tuples, numpy arrays and torch tensors, along axis 0. Slices of
+arrays and tensors are views, so scattering copies nothing here.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from jupyter_dist.errors import JupyterDistError
+
+
+def chunk_bounds(length: int, parts: int) -> list[tuple[int, int]]:
+    """``parts`` (start, stop) pairs covering ``range(length)``; sizes differ by at most one."""
+    base, extra = divmod(length, parts)
+    bounds = []
+    start = 0
+    for k in range(parts):
+        stop = start + base + (1 if k < extra else 0)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
+def split(seq: Any, parts: int, name: str) -> list[Any]:
+    """Cut ``seq`` into ``parts`` balanced chunks along axis 0."""
+    try:
+        length = len(seq)
+        return [seq[start:stop] for start, stop in chunk_bounds(length, parts)]
+    except TypeError as e:
+        raise JupyterDistError(
+            f"Cannot scatter {name!r} ({type(seq).__name__}): it has no length or cannot be sliced. "
+            "Scatter a list, tuple, numpy array or torch tensor, or push it whole with `c.push(...)`."
+        ) from e
+
+
+def join(chunks: Sequence[Any], name: str) -> Any:
+    """Join chunks in order into one value of their type."""
+    if not chunks:
+        return []
+    first = chunks[0]
+    if isinstance(first, list):
+        return [item for chunk in chunks for item in chunk]
+    if isinstance(first, tuple):
+        return tuple(item for chunk in chunks for item in chunk)
+    numpy = sys.modules.get("numpy")
+    if numpy is not None and isinstance(first, numpy.ndarray):
+        return numpy.concatenate(chunks)
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(first, torch.Tensor):
+        return torch.cat(list(chunks))
+    raise JupyterDistError(
+        f"Cannot gather {name!r}: the engines hold {type(first).__name__} values, "
+        "not lists, tuples, numpy arrays or torch tensors. Use `c.pull(...)` to get each engine's value."
+    )

@@ -1,0 +1,205 @@
+"""Views: one interface to run work on a set of engines (the whole cluster is a view too)."""
+
+from __future__ import annotations
+
+import linecache
+import os
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from tqdm.auto import tqdm
+
+from jupyter_dist.client import sequences
+from jupyter_dist.client.futures import Future, MultiFuture
+from jupyter_dist.errors import NoEnginesError, SerializationError
+from jupyter_dist.protocol import new_id
+from jupyter_dist.serialize import serialize
+
+if TYPE_CHECKING:
+    from jupyter_dist.client.cluster import Cluster
+
+MAX_SHIPPED_SOURCE_NBYTES = 256 * 1024
+
+
+def _sources_of(fn: Any) -> dict[str, str]:
+    """The source of a function defined where the engines cannot read it (a notebook cell)."""
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return {}
+    filename = code.co_filename
+    if os.path.exists(filename):
+        return {}
+    text = "".join(linecache.getlines(filename))
+    if not text or len(text) > MAX_SHIPPED_SOURCE_NBYTES:
+        return {}
+    return {filename: text}
+
+
+class View:
+    """A set of engines to run work on.
+
+    ``c[0]`` is a single-engine view (results are bare values); ``c[0:2]``
+    and ``c[[1, 3]]`` are views over several (results are lists, one per
+    engine in id order). Blocking calls wait for their results; with
+    ``block=False`` they return a ``Future`` at once.
+    """
+
+    def __init__(
+        self, cluster: Cluster, targets: Sequence[int] | None, is_single: bool = False
+    ) -> None:
+        self._cluster = cluster
+        self._targets = list(targets) if targets is not None else None
+        self._is_single = is_single
+
+    def __repr__(self) -> str:
+        return f"<View of cluster {self._cluster.id!r} on engines {self._targets if self._targets is not None else 'all'}>"
+
+    @property
+    def engine_ids(self) -> list[int]:
+        """The engines this view runs on (for the whole cluster: the live ones, now)."""
+        if self._targets is not None:
+            return list(self._targets)
+        return self._cluster.live_engine_ids()
+
+    def _require_engines(self) -> list[int]:
+        ids = self.engine_ids
+        if not ids:
+            raise NoEnginesError(self._cluster.id)
+        return ids
+
+    # ---- sending ----------------------------------------------------
+
+    def _send(
+        self, engine_id: int | None, kind: str, payload: Any = None, what: str = "", **fields: Any
+    ) -> Future:
+        pickled, raw = serialize(payload, what) if payload is not None else (b"", [])
+        return self._send_serialized(engine_id, kind, pickled, raw, **fields)
+
+    def _send_serialized(
+        self, engine_id: int | None, kind: str, pickled: bytes, raw: list[memoryview], **fields: Any
+    ) -> Future:
+        content = {"task_id": new_id(), "kind": kind, "target": engine_id, **fields}
+        return self._cluster.connection.submit(content, [pickled] if pickled else [], raw)
+
+    def _broadcast(
+        self, kind: str, payload: Any, what: str, combine: Callable[[list[Any]], Any], **fields: Any
+    ) -> Future:
+        ids = self._require_engines()
+        pickled, raw = serialize(payload, what) if payload is not None else (b"", [])
+        children = [self._send_serialized(i, kind, pickled, raw, **fields) for i in ids]
+        return MultiFuture(new_id(), children, combine)
+
+    def _collapse(self, values: list[Any]) -> Any:
+        return values[0] if self._is_single else values
+
+    def _finish(self, future: Future, block: bool) -> Any:
+        return self._cluster.wait(future) if block else future
+
+    # ---- the API ----------------------------------------------------
+
+    def run(self, code: str, block: bool = True) -> Any:
+        """Run ``code`` (a cell: magics and ``!cmd`` work) on every engine of the view.
+
+        Returns the value of the cell's last expression on each engine.
+
+        Examples
+        --------
+        >>> c.run("import os; os.getpid()")
+        [4711, 4712]
+        """
+        return self._finish(self._broadcast("execute", None, "", self._collapse, code=code), block)
+
+    def apply(self, fn: Callable[..., Any], *args: Any, block: bool = True, **kwargs: Any) -> Any:
+        """Call ``fn(*args, **kwargs)`` on every engine of the view; return each result.
+
+        ``block`` is taken by the view; pass a keyword of that name inside a ``functools.partial``.
+        """
+        name = getattr(fn, "__name__", repr(fn))
+        payload = (fn, args, kwargs)
+        future = self._broadcast(
+            "apply", payload, f"{name} or its arguments", self._collapse, sources=_sources_of(fn)
+        )
+        return self._finish(future, block)
+
+    def push(
+        self, names: dict[str, Any] | None = None, *, block: bool = True, **kw_names: Any
+    ) -> Any:
+        """Set names in every engine's namespace: ``c.push(x=arr, y=3)``."""
+        values = {**(names or {}), **kw_names}
+        try:
+            future = self._broadcast("push", values, "the pushed names", lambda _: None)
+        except SerializationError:
+            for name, value in values.items():
+                serialize(value, repr(name))  # raises, naming the value that cannot be sent
+            raise
+        return self._finish(future, block)
+
+    def pull(self, names: str | Sequence[str], block: bool = True) -> Any:
+        """Get a name's value (or a list of names' values) from every engine."""
+        if isinstance(names, str):
+            future = self._broadcast(
+                "pull", None, "", lambda vs: self._collapse([v[0] for v in vs]), names=[names]
+            )
+        else:
+            future = self._broadcast("pull", None, "", self._collapse, names=list(names))
+        return self._finish(future, block)
+
+    def scatter(self, name: str, seq: Any, block: bool = True) -> Any:
+        """Split ``seq`` (list, tuple, numpy array, torch tensor) along axis 0, chunk k to engine k.
+
+        Chunk sizes differ by at most one.
+        """
+        ids = self._require_engines()
+        chunks = sequences.split(seq, len(ids), name)
+        children = [
+            self._send(i, "push", {name: chunk}, repr(name))
+            for i, chunk in zip(ids, chunks, strict=True)
+        ]
+        return self._finish(MultiFuture(new_id(), children, lambda _: None), block)
+
+    def gather(self, name: str, block: bool = True) -> Any:
+        """Join the engines' values of ``name`` (in engine order) into one sequence of the same type."""
+        future = self._broadcast(
+            "pull", None, "", lambda vs: sequences.join([v[0] for v in vs], name), names=[name]
+        )
+        return self._finish(future, block)
+
+    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
+        """Run ``fn(*args, **kwargs)`` once, on the least busy engine of the view."""
+        ids = self._require_engines()
+        name = getattr(fn, "__name__", repr(fn))
+        fields: dict[str, Any] = {"sources": _sources_of(fn)}
+        if self._targets is not None:
+            fields["allowed"] = ids
+        return self._send(None, "apply", (fn, args, kwargs), f"{name} or its arguments", **fields)
+
+    def map(
+        self,
+        fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        block: bool = True,
+        progress: bool = True,
+    ) -> Any:
+        """Call ``fn`` on each item (load-balanced); return the results in order.
+
+        Blocking, it shows a progress bar (tasks done / total) when the work
+        takes longer than half a second; with ``block=False`` it returns the
+        list of futures.
+        """
+        self._require_engines()
+        name = getattr(fn, "__name__", repr(fn))
+        fields: dict[str, Any] = {"sources": _sources_of(fn)}
+        if self._targets is not None:
+            fields["allowed"] = self.engine_ids
+        futures = [
+            self._send(None, "apply", (fn, args, {}), f"the arguments of {name}", **fields)
+            for args in zip(*iterables, strict=False)
+        ]
+        if not block:
+            return futures
+        with tqdm(total=len(futures), desc=name, delay=0.5, disable=not progress) as bar:
+            pending = set(futures)
+            while pending:
+                done, pending = self._cluster.wait_any(pending, [f.id for f in futures])
+                bar.update(len(done))
+        return [f.result() for f in futures]

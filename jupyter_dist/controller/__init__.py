@@ -1,0 +1,1 @@
+"""The controller process: registry, scheduling, results and state of one cluster."""

@@ -1,0 +1,554 @@
+"""The controller: one process per cluster that routes work and outlives every client.
+
+One thread, one poll loop, all state owned here (no locks). Clients connect
+to a ROUTER, engines to another, monitors subscribe to a PUB socket.
+Load-balanced tasks wait here until the scheduler places them (least
+outstanding work, pipelined, with stealing); direct tasks go straight to
+their engine. ROUTER sockets would
+drop messages at their high-water mark, so both are unlimited and
+``ROUTER_MANDATORY``: the queues live here, and a send to a vanished peer
+raises instead of vanishing. Results are kept until a client has them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import zmq
+
+from jupyter_dist import connection_file
+from jupyter_dist.connection_file import ClusterInfo
+from jupyter_dist.controller.registry import EngineRecord, EngineRegistry
+from jupyter_dist.controller.scheduler import BalancedQueue
+from jupyter_dist.controller.tasks import TaskRecord, TaskState, TaskStore
+from jupyter_dist.ioloop import IOLoop
+from jupyter_dist.protocol import Message, MsgType, Session, send, unpack_or_drop
+
+logger = logging.getLogger(__name__)
+
+HEARTBEAT_TIMEOUT_S = 4.0
+CHECK_INTERVAL_S = 0.25
+ORPHAN_TIMEOUT_S = 20.0
+PUBLISH_INTERVAL_S = 0.25
+SHUTDOWN_GRACE_S = 3.0
+
+# Starts one local engine: (connection file, requested engine id) -> Popen-like handle.
+EngineStarter = Callable[[str, int | None], Any]
+
+
+def _router(ctx: zmq.Context[Any]) -> zmq.Socket[Any]:
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    sock.setsockopt(zmq.LINGER, 0)
+    return sock
+
+
+def _bind(sock: zmq.Socket[Any], ip: str) -> int:
+    sock.bind(f"tcp://{ip}:*")
+    endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+    return int(endpoint.rsplit(":", 1)[1])
+
+
+class Controller:
+    """Registers engines, routes and schedules tasks, keeps results, publishes state."""
+
+    def __init__(
+        self,
+        cluster_id: str | None = None,
+        ip: str = "127.0.0.1",
+        start_engine: EngineStarter | None = None,
+        orphan_timeout_s: float = ORPHAN_TIMEOUT_S,
+    ) -> None:
+        self.cluster_id = cluster_id or secrets.token_hex(4)
+        self.ip = ip
+        self.key = secrets.token_bytes(32)
+        self.session = Session(self.key)
+        self.start_engine = start_engine
+        self.orphan_timeout_s = orphan_timeout_s
+        self.ctx: zmq.Context[Any] = zmq.Context()
+        self.clients = _router(self.ctx)
+        self.engines = _router(self.ctx)
+        self.pub = self.ctx.socket(zmq.PUB)
+        self.pub.setsockopt(zmq.LINGER, 0)
+        self.loop = IOLoop()
+        self.registry = EngineRegistry()
+        self.tasks = TaskStore()
+        self.balanced = BalancedQueue()
+        self.stealing: set[str] = set()  # task ids asked back from engines
+        self.launching: dict[int, Any] = {}  # pid -> handle of started, unregistered engines
+        self.launch_failures: list[dict[str, Any]] = []
+        self.started = time.monotonic()
+        self.last_engine_seen = self.started
+        self.is_state_dirty = True
+        self.connection_path = ""
+
+    # ---- life cycle ---------------------------------------------------
+
+    def start(self, n_engines: int = 0) -> str:
+        """Bind, write the connection file and start ``n_engines`` local engines."""
+        ports = {
+            name: _bind(sock, self.ip)
+            for name, sock in (
+                ("client_port", self.clients),
+                ("engine_port", self.engines),
+                ("pub_port", self.pub),
+            )
+        }
+        info = ClusterInfo(
+            cluster_id=self.cluster_id,
+            key=self.key.hex(),
+            ip=self.ip,
+            controller_pid=os.getpid(),
+            host=socket.gethostname(),
+            created=time.time(),
+            **ports,
+        )
+        connection_file.list_running()  # removes files of controllers that died
+        self.connection_path = str(connection_file.write(info))
+        logger.info(
+            "cluster %s listening on %s, connection file %s",
+            self.cluster_id,
+            self.ip,
+            self.connection_path,
+        )
+        self.loop.add_socket(self.clients, self._on_client_message)
+        self.loop.add_socket(self.engines, self._on_engine_message)
+        self.loop.call_later(CHECK_INTERVAL_S, self._check_engines)
+        self.loop.call_later(PUBLISH_INTERVAL_S, self._publish_state)
+        for _ in range(n_engines):
+            self._launch_engine(None)
+        return self.connection_path
+
+    def serve(self) -> None:
+        """Run until shut down; then close sockets and remove the connection file."""
+        try:
+            self.loop.run()
+        finally:
+            self._close()
+
+    def _launch_engine(self, engine_id: int | None) -> None:
+        if self.start_engine is None:
+            return
+        handle = self.start_engine(self.connection_path, engine_id)
+        self.launching[handle.pid] = handle
+
+    def _close(self) -> None:
+        if self.connection_path:
+            os.unlink(self.connection_path) if os.path.exists(self.connection_path) else None
+        for sock in (self.clients, self.engines, self.pub):
+            sock.close(linger=0)
+        self.loop.close()
+        self.ctx.term()
+        logger.info("cluster %s stopped", self.cluster_id)
+
+    def shutdown(self) -> None:
+        """Stop every engine (kill those that linger), then end the loop."""
+        logger.info("shutting down cluster %s", self.cluster_id)
+        for engine in self.registry.live():
+            self._send_engine(engine, MsgType.SHUTDOWN_REQUEST, {})
+        handles = [e.process for e in self.registry.all() if e.process is not None]
+        handles += list(self.launching.values())
+        deadline = time.monotonic() + SHUTDOWN_GRACE_S
+
+        def finish() -> None:
+            alive = [h for h in handles if h.poll() is None]
+            if alive and time.monotonic() < deadline:
+                self.loop.call_later(0.05, finish)
+                return
+            for handle in alive:
+                logger.warning("engine pid %d did not stop; killing it", handle.pid)
+                handle.kill()
+                handle.wait()
+            self.loop.stop()
+
+        finish()
+
+    # ---- receiving ------------------------------------------------------
+
+    def _on_client_message(self, frames: list[zmq.Frame]) -> None:
+        self._receive(frames, self._handle_client, "a client")
+
+    def _on_engine_message(self, frames: list[zmq.Frame]) -> None:
+        self._receive(frames, self._handle_engine, "an engine")
+
+    def _receive(
+        self, frames: list[zmq.Frame], handle: Callable[[bytes, Message], None], peer: str
+    ) -> None:
+        unpacked = unpack_or_drop(self.session, frames, peer)
+        if unpacked is None:
+            return
+        idents, msg = unpacked
+        if len(idents) != 1:
+            logger.warning("dropped a %s from %s: %d routing ids", msg.msg_type, peer, len(idents))
+            return
+        logger.debug("%s from %s %r", msg.msg_type, peer, idents[0])
+        handle(idents[0], msg)
+
+    # ---- sending --------------------------------------------------------
+
+    def _send_to(self, sock: zmq.Socket[Any], ident: bytes, frames: list[Any]) -> bool:
+        try:
+            send(sock, frames, [ident])
+        except zmq.ZMQError as e:
+            if e.errno != zmq.EHOSTUNREACH:
+                raise
+            return False
+        return True
+
+    def _reply(
+        self, ident: bytes, msg_type: MsgType, content: dict[str, Any], parent: Message, **kw: Any
+    ) -> bool:
+        frames = self.session.pack(msg_type, content, dict(parent.header), **kw)
+        return self._send_to(self.clients, ident, frames)
+
+    def _send_engine(
+        self, engine: EngineRecord, msg_type: MsgType, content: dict[str, Any]
+    ) -> None:
+        if not self._send_to(self.engines, engine.ident, self.session.pack(msg_type, content)):
+            logger.warning("engine %d is unreachable", engine.engine_id)
+
+    # ---- clients --------------------------------------------------------
+
+    def _handle_client(self, ident: bytes, msg: Message) -> None:
+        handler = self._client_handlers.get(msg.msg_type)
+        if handler is None:
+            logger.warning("dropped a %s from a client: not a client request", msg.msg_type)
+            return
+        handler(self, ident, msg)
+
+    def _on_connect(self, ident: bytes, msg: Message) -> None:
+        self._reply(ident, MsgType.CONNECT_REPLY, self._status(), msg)
+
+    def _on_status(self, ident: bytes, msg: Message) -> None:
+        self._reply(ident, MsgType.STATUS_REPLY, self._status(), msg)
+
+    def _status(self) -> dict[str, Any]:
+        return {
+            "cluster_id": self.cluster_id,
+            "engines": [e.describe() for e in self.registry.all()],
+            "launch_failures": self.launch_failures,
+            "tasks": {
+                "pending": self.tasks.pending_count(),
+                "queued": len(self.balanced),
+                "done": self.tasks.count_done,
+                "failed": self.tasks.count_failed,
+            },
+        }
+
+    def _on_task(self, ident: bytes, msg: Message) -> None:
+        content = msg.content
+        target = content.get("target")
+        record = TaskRecord(
+            task_id=content["task_id"],
+            client_ident=ident,
+            kind=content.get("kind", ""),
+            target=target,
+            request=msg,
+            allowed=tuple(content["allowed"]) if content.get("allowed") else None,
+        )
+        if self.tasks.get(record.task_id) is not None:
+            logger.warning("dropped a task_request reusing task id %s", record.task_id)
+            return
+        self.tasks.add(record)
+        self.is_state_dirty = True
+        if target is None:
+            self.balanced.push(record)
+            self._dispatch_balanced()
+            return
+        engine = self.registry.by_id(target)
+        if engine is None or engine.is_dead:
+            self._fail(record, "NoEnginesError", f"engine {target} is not running", target)
+            return
+        self._dispatch(record, engine)
+
+    def _on_result(self, ident: bytes, msg: Message) -> None:
+        for task_id in msg.content["task_ids"]:
+            record = self.tasks.get(task_id)
+            if record is None:
+                self._reply(
+                    ident, MsgType.RESULT_REPLY, {"task_id": task_id, "status": "unknown"}, msg
+                )
+            elif not record.is_finished:
+                record.client_ident = ident  # the asker gets the reply when it comes
+                self._reply(
+                    ident, MsgType.RESULT_REPLY, {"task_id": task_id, "status": "pending"}, msg
+                )
+            else:
+                self._deliver(record, ident, msg)
+
+    def _on_history(self, ident: bytes, msg: Message) -> None:
+        limit = int(msg.content.get("limit", 100))
+        self._reply(
+            ident,
+            MsgType.HISTORY_REPLY,
+            {"tasks": [t.describe() for t in self.tasks.recent(limit)]},
+            msg,
+        )
+
+    def _on_cancel(self, ident: bytes, msg: Message) -> None:
+        cancelled = []
+        for task_id in msg.content["task_ids"]:
+            record = self.tasks.get(task_id)
+            if (
+                record is not None
+                and record.state == TaskState.QUEUED
+                and self.balanced.remove(record)
+            ):
+                self.tasks.finish(record, TaskState.CANCELLED, None)
+                cancelled.append(task_id)
+        self._reply(ident, MsgType.CANCEL_REPLY, {"cancelled": cancelled}, msg)
+
+    def _on_interrupt(self, ident: bytes, msg: Message) -> None:
+        task_ids = msg.content.get("task_ids")
+        engine_ids = msg.content.get("engine_ids")
+        interrupted = []
+        for engine in self.registry.live():
+            if engine_ids is not None and engine.engine_id not in engine_ids:
+                continue
+            if task_ids is not None and not set(task_ids) & set(engine.in_flight):
+                continue
+            self._send_engine(engine, MsgType.INTERRUPT_REQUEST, {"task_ids": task_ids})
+            interrupted.append(engine.engine_id)
+        self._reply(ident, MsgType.INTERRUPT_REPLY, {"engine_ids": interrupted}, msg)
+
+    def _on_shutdown(self, ident: bytes, msg: Message) -> None:
+        self._reply(ident, MsgType.SHUTDOWN_REPLY, {"status": "ok"}, msg)
+        self.shutdown()
+
+    _client_handlers: ClassVar[dict[str, Callable[[Controller, bytes, Message], None]]] = {
+        MsgType.CONNECT_REQUEST: _on_connect,
+        MsgType.STATUS_REQUEST: _on_status,
+        MsgType.TASK_REQUEST: _on_task,
+        MsgType.RESULT_REQUEST: _on_result,
+        MsgType.HISTORY_REQUEST: _on_history,
+        MsgType.CANCEL_REQUEST: _on_cancel,
+        MsgType.INTERRUPT_REQUEST: _on_interrupt,
+        MsgType.SHUTDOWN_REQUEST: _on_shutdown,
+    }
+
+    # ---- scheduling -----------------------------------------------------
+
+    def _dispatch(self, record: TaskRecord, engine: EngineRecord) -> None:
+        request = record.request
+        assert request is not None  # kept until the task is sent
+        record.engine_id = engine.engine_id
+        record.state = TaskState.RUNNING
+        engine.in_flight.append(record.task_id)
+        if record.times_sent == 0:
+            frames = request.frames
+        else:  # signed anew: the engine that gave it back would drop a replay
+            frames = self.session.pack(
+                MsgType.TASK_REQUEST,
+                request.content,
+                request.parent,
+                signed_buffers=request.signed_buffers,
+                raw_buffers=request.raw_buffers,
+            )
+        record.times_sent += 1
+        if record.target is not None:
+            record.request = None
+        if not self._send_to(self.engines, engine.ident, frames):
+            self._on_engine_death(engine, None)
+
+    def _dispatch_balanced(self) -> None:
+        live = self.registry.live()
+        for record, engine in self.balanced.assign(live):
+            self._dispatch(record, engine)
+        for engine_id, task_ids in self.balanced.plan_steals(
+            live, self.tasks.get, self.stealing
+        ).items():
+            engine = self.registry.by_id(engine_id)
+            if engine is not None:
+                self.stealing.update(task_ids)
+                self._send_engine(engine, MsgType.STEAL_REQUEST, {"task_ids": task_ids})
+
+    def _on_steal_reply(self, engine: EngineRecord, msg: Message) -> None:
+        """Take back the tasks the engine had not started, and place them again."""
+        self.stealing.difference_update(msg.content["asked"])
+        returned = []
+        for task_id in msg.content["task_ids"]:
+            record = self.tasks.get(task_id)
+            if record is None or task_id not in engine.in_flight:
+                continue
+            engine.in_flight.remove(task_id)
+            record.state = TaskState.QUEUED
+            record.engine_id = None
+            returned.append(record)
+        self.balanced.push_front(returned)
+        self._dispatch_balanced()
+
+    # ---- engines --------------------------------------------------------
+
+    def _handle_engine(self, ident: bytes, msg: Message) -> None:
+        if msg.msg_type == MsgType.REGISTER_REQUEST:
+            self._on_register(ident, msg)
+            return
+        engine = self.registry.by_ident(ident)
+        if engine is None:
+            logger.warning(
+                "dropped a %s from an unregistered or dead engine; telling it to stop", msg.msg_type
+            )
+            self._send_to(self.engines, ident, self.session.pack(MsgType.SHUTDOWN_REQUEST, {}))
+            return
+        engine.last_seen = time.monotonic()
+        if msg.msg_type == MsgType.TASK_REPLY:
+            self._on_task_reply(engine, msg)
+        elif msg.msg_type == MsgType.STREAM:
+            self._forward_stream(msg)
+        elif msg.msg_type == MsgType.STEAL_REPLY:
+            self._on_steal_reply(engine, msg)
+        elif msg.msg_type == MsgType.HEARTBEAT_REQUEST:
+            engine.metrics = msg.content.get("metrics", {})
+            self._send_engine(engine, MsgType.HEARTBEAT_REPLY, {})
+        elif msg.msg_type != MsgType.SHUTDOWN_REPLY:
+            logger.warning(
+                "dropped a %s from engine %d: not an engine message", msg.msg_type, engine.engine_id
+            )
+
+    def _on_register(self, ident: bytes, msg: Message) -> None:
+        content = msg.content
+        pid = int(content.get("pid", 0))
+        handle = self.launching.pop(pid, None)
+        engine = self.registry.register(
+            ident, pid, str(content.get("host", "")), content.get("requested_id"), handle
+        )
+        logger.info("engine %d registered (pid %d on %s)", engine.engine_id, pid, engine.host)
+        self._send_engine(
+            engine, MsgType.REGISTER_REPLY, {"status": "ok", "engine_id": engine.engine_id}
+        )
+        self.is_state_dirty = True
+        self._dispatch_balanced()
+
+    def _on_task_reply(self, engine: EngineRecord, msg: Message) -> None:
+        task_id = msg.content.get("task_id", "")
+        try:
+            engine.in_flight.remove(task_id)
+        except ValueError:
+            logger.warning(
+                "engine %d replied to task %s it was not running", engine.engine_id, task_id
+            )
+            return
+        record = self.tasks.get(task_id)
+        if record is not None:
+            failed = msg.content.get("status") != "ok"
+            self.tasks.finish(record, TaskState.FAILED if failed else TaskState.DONE, msg)
+            if self._send_to(self.clients, record.client_ident, msg.frames):
+                self.tasks.mark_delivered(record)
+        self.is_state_dirty = True
+        self._dispatch_balanced()
+
+    def _forward_stream(self, msg: Message) -> None:
+        record = self.tasks.get(msg.content.get("task_id", ""))
+        if record is not None:
+            self._send_to(self.clients, record.client_ident, msg.frames)
+
+    def _deliver(self, record: TaskRecord, ident: bytes, request: Message) -> None:
+        reply = record.reply
+        if reply is None:
+            content = {"task_id": record.task_id, "status": str(record.state)}
+            self._reply(ident, MsgType.RESULT_REPLY, content, request)
+            return
+        delivered = self._reply(
+            ident,
+            MsgType.RESULT_REPLY,
+            reply.content,
+            request,
+            signed_buffers=reply.signed_buffers,
+            raw_buffers=reply.raw_buffers,
+        )
+        if delivered:
+            self.tasks.mark_delivered(record)
+
+    def _fail(
+        self, record: TaskRecord, ename: str, evalue: str, engine_id: int | None, **extra: Any
+    ) -> None:
+        """Finish a task with an error made here (not by user code) and tell its client."""
+        content = {
+            "task_id": record.task_id,
+            "engine_id": engine_id,
+            "status": "error",
+            "error": {"ename": ename, "evalue": evalue, "traceback": "", **extra},
+        }
+        reply_frames = self.session.pack(MsgType.TASK_REPLY, content)
+        _, reply = self.session.unpack(reply_frames)  # store it like an engine's reply
+        self.tasks.finish(record, TaskState.FAILED, reply)
+        if self._send_to(
+            self.clients, record.client_ident, self.session.pack(MsgType.TASK_REPLY, content)
+        ):
+            self.tasks.mark_delivered(record)
+
+    def _check_engines(self) -> None:
+        now = time.monotonic()
+        for engine in self.registry.live():
+            exit_code = engine.process.poll() if engine.process is not None else None
+            if exit_code is not None or now - engine.last_seen > HEARTBEAT_TIMEOUT_S:
+                self._on_engine_death(engine, exit_code)
+        for pid, handle in list(self.launching.items()):
+            exit_code = handle.poll()
+            if exit_code is not None:
+                del self.launching[pid]
+                logger.error("engine pid %d exited with %s before registering", pid, exit_code)
+                self.launch_failures.append(
+                    {"pid": pid, "exit_code": exit_code, "log": getattr(handle, "log_path", "")}
+                )
+                self.is_state_dirty = True
+        if self.registry.live() or self.launching:
+            self.last_engine_seen = max(self.last_engine_seen, now)
+        elif now - self.last_engine_seen > self.orphan_timeout_s:
+            logger.error("no engines for %.0f s; the cluster stops", self.orphan_timeout_s)
+            self.shutdown()
+            return
+        self.loop.call_later(CHECK_INTERVAL_S, self._check_engines)
+
+    def _on_engine_death(self, engine: EngineRecord, exit_code: int | None) -> None:
+        """Fail the task the engine was running; give its unstarted balanced tasks to others."""
+        if engine.is_dead:
+            return
+        if exit_code is None and engine.process is not None:
+            exit_code = engine.process.poll()
+        self.registry.mark_dead(engine, exit_code)
+        logger.error(
+            "engine %d (pid %d) died, exit code %s", engine.engine_id, engine.pid, exit_code
+        )
+        self.is_state_dirty = True
+        in_flight = list(engine.in_flight)
+        engine.in_flight.clear()
+        requeue: list[TaskRecord] = []
+        for position, task_id in enumerate(in_flight):
+            record = self.tasks.get(task_id)
+            if record is None:
+                continue
+            if position > 0 and record.target is None:
+                requeue.append(record)
+                continue
+            self._fail(
+                record,
+                "EngineDiedError",
+                f"engine {engine.engine_id} died",
+                engine.engine_id,
+                pid=engine.pid,
+                host=engine.host,
+                exit_code=exit_code,
+                was_running=position == 0,
+            )
+        for record in requeue:
+            record.state = TaskState.QUEUED
+            record.engine_id = None
+        self.balanced.push_front(requeue)
+        self._dispatch_balanced()
+
+    # ---- state for monitors ---------------------------------------------
+
+    def _publish_state(self) -> None:
+        if self.is_state_dirty:
+            self.is_state_dirty = False
+            self.pub.send_multipart(self.session.pack(MsgType.STATE, self._status()))
+        self.loop.call_later(PUBLISH_INTERVAL_S, self._publish_state)

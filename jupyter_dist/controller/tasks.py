@@ -1,0 +1,131 @@
+"""Keep every task's record and result until a client has it, and a bounded history after.
+
+A result that could not be delivered (its client was gone) is kept until
+some client fetches it with ``get_result``. Delivered results stay for
+``history()`` and late ``get_result`` calls until the history is full; then
+the oldest delivered ones are dropped first.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from jupyter_dist.protocol import Message
+
+MAX_FINISHED = 100_000
+MAX_DELIVERED_RESULT_NBYTES = 256 * 1024 * 1024
+
+
+class TaskState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+@dataclass(slots=True, eq=False)
+class TaskRecord:
+    """One task: who asked, where it runs, and how it ended."""
+
+    task_id: str
+    client_ident: bytes
+    kind: str
+    target: int | None
+    request: Message | None  # kept until sent (balanced tasks: until finished, they may move)
+    allowed: tuple[int, ...] | None = None  # engines a balanced task may run on (None: any)
+    submitted: float = field(default_factory=time.time)
+    engine_id: int | None = None
+    state: TaskState = TaskState.QUEUED
+    finished: float | None = None
+    reply: Message | None = None
+    is_delivered: bool = False
+    times_sent: int = 0
+
+    @property
+    def is_finished(self) -> bool:
+        return self.state in (TaskState.DONE, TaskState.FAILED, TaskState.CANCELLED)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "task_id": self.task_id,
+            "kind": self.kind,
+            "engine_id": self.engine_id,
+            "state": str(self.state),
+            "submitted": self.submitted,
+            "finished": self.finished,
+        }
+
+
+def _reply_nbytes(record: TaskRecord) -> int:
+    if record.reply is None:
+        return 0
+    return sum(b.nbytes for b in record.reply.buffers)
+
+
+class TaskStore:
+    """Task records by id, with finished ones kept in finishing order."""
+
+    def __init__(self) -> None:
+        self._tasks: dict[str, TaskRecord] = {}
+        self._finished: OrderedDict[str, None] = OrderedDict()
+        self._delivered_nbytes = 0
+        self.count_done = 0
+        self.count_failed = 0
+
+    def add(self, record: TaskRecord) -> None:
+        self._tasks[record.task_id] = record
+
+    def get(self, task_id: str) -> TaskRecord | None:
+        return self._tasks.get(task_id)
+
+    def finish(self, record: TaskRecord, state: TaskState, reply: Message | None) -> None:
+        record.state = state
+        record.finished = time.time()
+        record.reply = reply
+        record.request = None
+        if state == TaskState.DONE:
+            self.count_done += 1
+        elif state == TaskState.FAILED:
+            self.count_failed += 1
+        self._finished[record.task_id] = None
+        self._evict()
+
+    def mark_delivered(self, record: TaskRecord) -> None:
+        if not record.is_delivered:
+            record.is_delivered = True
+            self._delivered_nbytes += _reply_nbytes(record)
+            self._evict()
+
+    def pending_count(self) -> int:
+        return len(self._tasks) - len(self._finished)
+
+    def recent(self, limit: int) -> list[TaskRecord]:
+        """The newest tasks first: unfinished ones, then finished ones by finishing time."""
+        unfinished = [t for t in self._tasks.values() if not t.is_finished]
+        unfinished.sort(key=lambda t: t.submitted, reverse=True)
+        finished = [self._tasks[i] for i in reversed(self._finished)]
+        return (unfinished + finished)[:limit]
+
+    def _evict(self) -> None:
+        if (
+            len(self._finished) <= MAX_FINISHED
+            and self._delivered_nbytes <= MAX_DELIVERED_RESULT_NBYTES
+        ):
+            return
+        for task_id in list(self._finished):
+            if (
+                len(self._finished) <= MAX_FINISHED
+                and self._delivered_nbytes <= MAX_DELIVERED_RESULT_NBYTES
+            ):
+                return
+            record = self._tasks[task_id]
+            if not record.is_delivered:
+                continue
+            self._delivered_nbytes -= _reply_nbytes(record)
+            del self._finished[task_id]
+            del self._tasks[task_id]

@@ -1,0 +1,268 @@
+"""The engine process: user code on the main thread, sockets on one I/O thread.
+
+The I/O thread registers with the controller, answers with heartbeats,
+streams output, queues incoming tasks for the main thread and takes
+interrupts, so all of that keeps flowing while user code blocks. The engine
+exits by itself when the controller has been silent for
+``CONTROLLER_TIMEOUT_S`` or, for a local engine, when its parent (the
+controller) is gone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections import deque
+from types import FrameType
+from typing import Any
+
+import psutil
+import zmq
+
+from jupyter_dist import serialize
+from jupyter_dist.connection_file import ClusterInfo
+from jupyter_dist.engine.executor import Executor, Outcome
+from jupyter_dist.engine.streams import OutStream
+from jupyter_dist.errors import SerializationError
+from jupyter_dist.ioloop import IOLoop
+from jupyter_dist.protocol import Message, MsgType, Session, send, unpack_or_drop
+
+logger = logging.getLogger(__name__)
+
+HEARTBEAT_INTERVAL_S = 1.0
+CONTROLLER_TIMEOUT_S = 10.0
+REGISTER_TIMEOUT_S = 30.0
+
+
+class _TaskQueue:
+    """Tasks waiting for the main thread; the I/O thread may take unstarted ones back."""
+
+    def __init__(self) -> None:
+        self._items: deque[Message | None] = deque()
+        self._ready = threading.Condition()
+
+    def put(self, msg: Message | None) -> None:
+        with self._ready:
+            self._items.append(msg)
+            self._ready.notify()
+
+    def get(self) -> Message | None:
+        with self._ready:
+            while not self._items:
+                self._ready.wait()
+            return self._items.popleft()
+
+    def take_back(self, task_ids: list[str]) -> list[str]:
+        """Remove the named tasks that have not started; return their ids."""
+        wanted = set(task_ids)
+        with self._ready:
+            kept = [m for m in self._items if m is None or m.content.get("task_id") not in wanted]
+            taken = [m.content["task_id"] for m in self._items if m is not None and m not in kept]
+            self._items = deque(kept)
+        return taken
+
+
+class Engine:
+    """One engine: connect, register, then run tasks until told to stop."""
+
+    def __init__(self, info: ClusterInfo, requested_id: int | None = None) -> None:
+        self.info = info
+        self.requested_id = requested_id
+        self.engine_id = -1
+        self.session = Session(bytes.fromhex(info.key))
+        self.loop = IOLoop()
+        self.ctx = zmq.Context()
+        self.sock: zmq.Socket[Any] | None = None
+        self.tasks = _TaskQueue()
+        self.registered = threading.Event()
+        self.current_task_id = ""
+        self.is_running_user_code = False
+        self.parent_pid = os.getppid()
+        self.last_controller_contact = time.monotonic()
+        self.process = psutil.Process()
+
+    # ---- I/O thread -------------------------------------------------
+
+    def _io_main(self) -> None:
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 1000)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.connect(self.info.url(self.info.engine_port))
+        self.sock = sock
+        self.loop.add_socket(sock, self._on_message)
+        self._send(
+            MsgType.REGISTER_REQUEST,
+            {"pid": os.getpid(), "host": socket.gethostname(), "requested_id": self.requested_id},
+        )
+        self.loop.call_later(HEARTBEAT_INTERVAL_S, self._heartbeat)
+        self.loop.run()
+        sock.close(linger=1000)
+        self.loop.close()
+
+    def _send(
+        self,
+        msg_type: MsgType,
+        content: dict[str, Any],
+        parent: dict[str, Any] | None = None,
+        signed: list[Any] | None = None,
+        raw: list[Any] | None = None,
+    ) -> None:
+        assert self.sock is not None  # only called on the I/O thread after connect
+        send(self.sock, self.session.pack(msg_type, content, parent, None, signed or (), raw or ()))
+
+    def _on_message(self, frames: list[zmq.Frame]) -> None:
+        unpacked = unpack_or_drop(self.session, frames, "the controller")
+        if unpacked is not None:
+            self.last_controller_contact = time.monotonic()
+            self._handle(unpacked[1])
+
+    def _handle(self, msg: Message) -> None:
+        msg_type = msg.msg_type
+        if msg_type == MsgType.TASK_REQUEST:
+            self.tasks.put(msg)
+        elif msg_type == MsgType.HEARTBEAT_REPLY:
+            pass
+        elif msg_type == MsgType.REGISTER_REPLY:
+            self._on_registered(msg)
+        elif msg_type == MsgType.STEAL_REQUEST:
+            asked = msg.content["task_ids"]
+            self._send(
+                MsgType.STEAL_REPLY, {"asked": asked, "task_ids": self.tasks.take_back(asked)}
+            )
+        elif msg_type == MsgType.INTERRUPT_REQUEST:
+            self._interrupt(msg.content.get("task_ids"))
+        elif msg_type == MsgType.SHUTDOWN_REQUEST:
+            logger.info("engine %d: shutdown requested", self.engine_id)
+            self._shutdown()
+        else:
+            logger.warning("engine %d: ignored an unexpected %s", self.engine_id, msg_type)
+
+    def _on_registered(self, msg: Message) -> None:
+        if msg.content.get("status") != "ok":
+            logger.error("the controller refused this engine: %s", msg.content.get("reason"))
+            self._shutdown()
+            return
+        self.engine_id = int(msg.content["engine_id"])
+        logger.info("registered as engine %d", self.engine_id)
+        self.registered.set()
+
+    def _heartbeat(self) -> None:
+        silent_s = time.monotonic() - self.last_controller_contact
+        if silent_s > CONTROLLER_TIMEOUT_S or os.getppid() != self.parent_pid:
+            logger.error("the controller is gone (silent for %.0f s); engine exits", silent_s)
+            self._shutdown()
+            return
+        if self.registered.is_set():
+            self._send(
+                MsgType.HEARTBEAT_REQUEST, {"engine_id": self.engine_id, "metrics": self._metrics()}
+            )
+        self.loop.call_later(HEARTBEAT_INTERVAL_S, self._heartbeat)
+
+    def _metrics(self) -> dict[str, Any]:
+        with self.process.oneshot():
+            return {
+                "cpu_percent": self.process.cpu_percent(None),
+                "rss_bytes": self.process.memory_info().rss,
+            }
+
+    def _interrupt(self, task_ids: list[str] | None) -> None:
+        if not self.is_running_user_code:
+            return
+        if task_ids and self.current_task_id not in task_ids:
+            return
+        logger.info("engine %d: interrupting task %s", self.engine_id, self.current_task_id)
+        signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+
+    def _shutdown(self) -> None:
+        self.tasks.put(None)
+        if self.is_running_user_code:
+            # User code keeps the main thread: end the process once streams are out.
+            self.loop.call_later(0.5, lambda: os._exit(0))
+        self.loop.stop()
+
+    def _send_stream(self, name: str, task_id: str, text: str) -> None:
+        self._send(
+            MsgType.STREAM,
+            {"task_id": task_id, "engine_id": self.engine_id, "name": name, "text": text},
+        )
+
+    # ---- main thread ------------------------------------------------
+
+    def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
+        if self.is_running_user_code:
+            raise KeyboardInterrupt
+
+    def run(self) -> None:
+        """Run the engine until shutdown; blocks the calling (main) thread."""
+        signal.signal(signal.SIGINT, self._on_sigint)
+        io_thread = threading.Thread(target=self._io_main, name="jupyter-dist-io", daemon=True)
+        io_thread.start()
+        if not self.registered.wait(REGISTER_TIMEOUT_S):
+            logger.error(
+                "no answer from the controller at %s; engine exits",
+                self.info.url(self.info.engine_port),
+            )
+            self.loop.stop()
+            io_thread.join(5)
+            return
+        executor = Executor(self.engine_id)
+        streams = [
+            OutStream(name, self._send_stream, self.loop.call_soon_threadsafe, self.loop.call_later)
+            for name in ("stdout", "stderr")
+        ]
+        sys.stdout, sys.stderr = streams  # type: ignore[assignment]
+        while (msg := self.tasks.get()) is not None:
+            self._run_task(executor, msg, streams)
+        io_thread.join(5)
+
+    def _run_task(self, executor: Executor, msg: Message, streams: list[OutStream]) -> None:
+        content = msg.content
+        task_id = content["task_id"]
+        self.current_task_id = task_id
+        for stream in streams:
+            stream.task_id = task_id
+        started = time.time()
+        signed = msg.signed_buffers
+        self.is_running_user_code = True
+        try:
+            outcome = executor.run(content, signed[0] if signed else None, msg.raw_buffers)
+        except KeyboardInterrupt:
+            outcome = Outcome(
+                error={"ename": "KeyboardInterrupt", "evalue": "", "traceback": "KeyboardInterrupt"}
+            )
+        finally:
+            self.is_running_user_code = False
+        for stream in streams:
+            stream.flush()
+        reply = {
+            "task_id": task_id,
+            "engine_id": self.engine_id,
+            "status": "ok",
+            "started": started,
+            "finished": time.time(),
+        }
+        pickled: bytes = b""
+        raw: list[memoryview] = []
+        if outcome.error is None:
+            try:
+                pickled, raw = serialize.serialize(outcome.value, f"the result of task {task_id}")
+            except SerializationError as e:
+                outcome.error = {
+                    "ename": "SerializationError",
+                    "evalue": str(e),
+                    "traceback": str(e),
+                }
+        if outcome.error is not None:
+            reply["status"] = "error"
+            reply["error"] = outcome.error
+            pickled, raw = b"", []
+        signed_out = [pickled] if pickled else []
+        self.loop.call_soon_threadsafe(
+            lambda: self._send(MsgType.TASK_REPLY, reply, dict(msg.header), signed_out, raw)
+        )

@@ -1,0 +1,153 @@
+"""A small poll loop that owns a thread's sockets: readers, timers, and thread-safe calls.
+
+One thread runs ``run()``; that thread alone touches the sockets it added.
+Other threads hand it work with ``call_soon_threadsafe``, which appends to a
+deque and writes a byte to a pipe the poller watches (the shape of
+ipykernel's ``IOPubThread.schedule``). The loop never sleeps: it polls with
+a timeout that ends at the next timer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import heapq
+import itertools
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+logger = logging.getLogger(__name__)
+
+MAX_BATCH = 256
+
+
+class Timer:
+    """A pending ``call_later``; ``cancel()`` stops it from running."""
+
+    __slots__ = ("callback", "is_cancelled")
+
+    def __init__(self, callback: Callable[[], Any]) -> None:
+        self.callback = callback
+        self.is_cancelled = False
+
+    def cancel(self) -> None:
+        self.is_cancelled = True
+
+
+class IOLoop:
+    """Poll sockets, run timers and run callbacks handed over from other threads."""
+
+    def __init__(self) -> None:
+        self._poller = zmq.Poller()
+        self._readers: dict[Any, Callable[[list[zmq.Frame]], None]] = {}
+        self._timers: list[tuple[float, int, Timer]] = []
+        self._counter = itertools.count()
+        self._calls: deque[Callable[[], Any]] = deque()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._poller.register(self._wake_r, zmq.POLLIN)
+        self._is_running = False
+
+    def add_socket(
+        self, sock: zmq.Socket[Any], on_message: Callable[[list[zmq.Frame]], None]
+    ) -> None:
+        """Call ``on_message(frames)`` for each multipart message ``sock`` receives.
+
+        At most ``MAX_BATCH`` messages are taken from one socket per turn, so
+        a flood on one socket never starves the others or the timers.
+        """
+        self._readers[sock] = on_message
+        self._poller.register(sock, zmq.POLLIN)
+
+    def remove_socket(self, sock: zmq.Socket[Any]) -> None:
+        if self._readers.pop(sock, None) is not None:
+            self._poller.unregister(sock)
+
+    def call_later(self, delay_s: float, callback: Callable[[], Any]) -> Timer:
+        """Run ``callback`` on the loop's thread after ``delay_s`` seconds (loop thread only)."""
+        timer = Timer(callback)
+        heapq.heappush(self._timers, (time.monotonic() + delay_s, next(self._counter), timer))
+        return timer
+
+    def call_soon_threadsafe(self, callback: Callable[[], Any]) -> None:
+        """Run ``callback`` on the loop's thread; safe to call from any thread."""
+        self._calls.append(callback)
+        with contextlib.suppress(BlockingIOError):  # a full pipe: the loop wakes anyway
+            os.write(self._wake_w, b"x")
+
+    def stop(self) -> None:
+        """End ``run()`` after the current iteration; safe from any thread."""
+        self.call_soon_threadsafe(self._halt)
+
+    def _halt(self) -> None:
+        self._is_running = False
+
+    def run(self) -> None:
+        """Serve sockets, timers and handed-over calls until ``stop()``."""
+        self._is_running = True
+        while self._is_running:
+            for sock, _ in self._poller.poll(self._poll_timeout_ms()):
+                if sock == self._wake_r:
+                    self._drain_wakeups()
+                    continue
+                reader = self._readers.get(sock)
+                if reader is not None:
+                    self._receive(sock, reader)
+            self._run_handed_over()
+            self._run_due_timers()
+
+    def _receive(
+        self, sock: zmq.Socket[Any], on_message: Callable[[list[zmq.Frame]], None]
+    ) -> None:
+        for _ in range(MAX_BATCH):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self._run_guarded(functools.partial(on_message, frames))
+
+    def _poll_timeout_ms(self) -> int | None:
+        if self._calls:
+            return 0
+        while self._timers and self._timers[0][2].is_cancelled:
+            heapq.heappop(self._timers)
+        if not self._timers:
+            return None
+        return max(0, int((self._timers[0][0] - time.monotonic()) * 1000) + 1)
+
+    def _drain_wakeups(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _run_handed_over(self) -> None:
+        for _ in range(len(self._calls)):
+            self._run_guarded(self._calls.popleft())
+
+    def _run_due_timers(self) -> None:
+        now = time.monotonic()
+        while self._timers and self._timers[0][0] <= now:
+            _, _, timer = heapq.heappop(self._timers)
+            if not timer.is_cancelled:
+                self._run_guarded(timer.callback)
+
+    @staticmethod
+    def _run_guarded(callback: Callable[[], Any]) -> None:
+        try:
+            callback()
+        except Exception:
+            logger.exception("error in I/O loop callback %r", callback)
+
+    def close(self) -> None:
+        """Release the wake-up pipe (sockets belong to their owners)."""
+        os.close(self._wake_r)
+        os.close(self._wake_w)

@@ -1,0 +1,1 @@
+"""Launchers start controller and engine processes and hand back Popen-like handles."""

@@ -1,0 +1,72 @@
+"""Start a controller or engines as local processes.
+
+The controller starts in a session of its own (``start_new_session``), so
+it outlives the kernel or shell that started it and an interrupt of that
+kernel does not reach it. Each process writes its log to a file in the
+runtime directory; the command line is logged, never the environment.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+class LocalProcess(subprocess.Popen[bytes]):
+    """A Popen that remembers where its output goes."""
+
+    log_path: str = ""
+
+
+def _spawn(args: list[str], log_path: Path, new_session: bool) -> LocalProcess:
+    logger.info("starting %s (log %s)", " ".join(args), log_path)
+    with open(log_path, "ab") as log:
+        process = LocalProcess(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=new_session,
+            close_fds=True,
+        )
+    process.log_path = str(log_path)
+    return process
+
+
+def start_controller(
+    cluster_id: str, n_engines: int, ip: str, log_dir: Path, log_level: str = "INFO"
+) -> LocalProcess:
+    """Start a detached controller that starts ``n_engines`` local engines itself."""
+    args = [
+        sys.executable, "-m", "jupyter_dist.cli", "controller",
+        "--cluster-id", cluster_id, "-n", str(n_engines), "--ip", ip, "--log-level", log_level,
+    ]  # fmt: skip
+    return _spawn(args, log_dir / f"jupyter-dist-{cluster_id}-controller.log", new_session=True)
+
+
+def start_engine(
+    connection_path: str, engine_id: int | None, log_level: str = "INFO"
+) -> LocalProcess:
+    """Start one engine that connects with ``connection_path`` (asking for ``engine_id``)."""
+    args = [
+        sys.executable,
+        "-m",
+        "jupyter_dist.cli",
+        "engine",
+        "--connection-file",
+        connection_path,
+        "--log-level",
+        log_level,
+    ]
+    if engine_id is not None:
+        args += ["--engine-id", str(engine_id)]
+    stem = Path(connection_path).with_suffix("")
+    return _spawn(
+        args,
+        Path(f"{stem}-engine-{len(list(stem.parent.glob(stem.name + '-engine-*.log')))}.log"),
+        new_session=False,
+    )

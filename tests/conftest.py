@@ -1,0 +1,94 @@
+"""Markers by folder, and the shared cluster fixtures that start real processes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+import jupyter_dist as jd
+from jupyter_dist import connection_file
+
+HERE = Path(__file__).parent
+LOG_TAIL_LINES = 50
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        folder = Path(str(item.fspath)).relative_to(HERE).parts[0]
+        if folder in ("unit", "integration", "browser"):
+            item.add_marker(getattr(pytest.mark, folder))
+
+
+@pytest.fixture(scope="session")
+def runtime_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A Jupyter runtime dir of the test session's own, so tests never see a user's clusters."""
+    path = tmp_path_factory.mktemp("runtime")
+    old = os.environ.get("JUPYTER_RUNTIME_DIR")
+    os.environ["JUPYTER_RUNTIME_DIR"] = str(path)
+    yield path
+    if old is None:
+        del os.environ["JUPYTER_RUNTIME_DIR"]
+    else:
+        os.environ["JUPYTER_RUNTIME_DIR"] = old
+
+
+def _print_logs(runtime: Path, cluster_id: str) -> None:
+    for log in sorted(runtime.glob(f"jupyter-dist-{cluster_id}*.log")):
+        lines = log.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
+        print(f"---- {log.name} ----")
+        print("\n".join(lines))
+
+
+def _kill_tree(procs: list[psutil.Process]) -> None:
+    for proc in procs:
+        try:
+            for child in proc.children(recursive=True):
+                child.send_signal(signal.SIGKILL)
+            proc.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+
+
+@pytest.fixture(scope="session")
+def cluster(runtime_dir: Path, request: pytest.FixtureRequest) -> Iterator[jd.Cluster]:
+    """A 2-engine cluster shared by the whole session; fails teardown if a process outlives it."""
+    yield from _run_cluster(runtime_dir, 2, request)
+
+
+@pytest.fixture
+def fresh_cluster(runtime_dir: Path, request: pytest.FixtureRequest) -> Iterator[jd.Cluster]:
+    """A 2-engine cluster of this test's own, for tests that kill engines or stop it."""
+    yield from _run_cluster(runtime_dir, 2, request)
+
+
+def _run_cluster(runtime_dir: Path, n: int, request: pytest.FixtureRequest) -> Iterator[jd.Cluster]:
+    c = jd.Cluster.start(n=n, timeout_s=60)
+    engine_pids = [e.pid for e in c.status()]
+    controller_pid = connection_file.read(c.connection_file).controller_pid
+    failed_before = request.session.testsfailed
+    try:
+        yield c
+    finally:
+        if request.session.testsfailed > failed_before:
+            _print_logs(runtime_dir, c.id)
+        with contextlib.suppress(jd.JupyterDistError):  # already stopped by the test
+            c.stop()
+        leftovers = []
+        for pid in [controller_pid, *engine_pids]:
+            try:
+                proc = psutil.Process(pid)
+                proc.wait(timeout=10)
+            except psutil.NoSuchProcess:
+                continue
+            except psutil.TimeoutExpired:
+                leftovers.append(proc)
+        if leftovers:
+            _print_logs(runtime_dir, c.id)
+            _kill_tree(leftovers)
+            pytest.fail(f"processes outlived cluster {c.id}: {[p.pid for p in leftovers]}")

@@ -1,0 +1,245 @@
+"""Bad input and dead processes: the cluster fails work clearly and keeps serving."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import zmq
+
+import jupyter_dist as jd
+from jupyter_dist import connection_file
+from jupyter_dist.protocol import DELIM, MsgType, Session
+from tests.waiting import poll_for
+
+
+def _controller_log(runtime_dir: Path, cluster: jd.Cluster) -> str:
+    return (runtime_dir / f"jupyter-dist-{cluster.id}-controller.log").read_text()
+
+
+def _raw_dealer(ctx: zmq.Context, url: str) -> zmq.Socket:
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(url)
+    return sock
+
+
+@pytest.fixture
+def zmq_ctx():
+    ctx = zmq.Context()
+    yield ctx
+    ctx.destroy(linger=0)
+
+
+@pytest.mark.parametrize("port_name", ["client_port", "engine_port"])
+def test_forged_and_truncated_messages_are_dropped_and_never_run(
+    cluster: jd.Cluster, runtime_dir: Path, zmq_ctx: zmq.Context, tmp_path: Path, port_name: str
+) -> None:
+    info = connection_file.read(cluster.connection_file)
+    sock = _raw_dealer(zmq_ctx, info.url(getattr(info, port_name)))
+    marker = tmp_path / "ran"
+    code = f"open({str(marker)!r}, 'w').write('ran')"
+    forger = Session(b"not-the-cluster-key")
+    content = {"task_id": "forged-" + port_name, "kind": "execute", "target": 0, "code": code}
+    sock.send_multipart(forger.pack(MsgType.TASK_REQUEST, content))
+    honest = Session(bytes.fromhex(info.key))
+    frames = honest.pack(MsgType.TASK_REQUEST, {**content, "task_id": "truncated-" + port_name})
+    sock.send_multipart(frames[:4])  # cut after the header
+    sock.send_multipart([b"garbage", DELIM, b"x"])
+    sock.send_multipart(
+        honest.pack(MsgType.TASK_REQUEST, {**content, "task_id": "x"})[:2] + [b"\xc1"] * 4
+    )
+    poll_for(
+        lambda: _controller_log(runtime_dir, cluster).count("dropped a message") >= 4,
+        10,
+        "four drop log lines",
+    )
+    log = _controller_log(runtime_dir, cluster)
+    assert "bad signature" in log
+    assert "truncated" in log
+    assert cluster.run("'still serving'") == ["still serving", "still serving"]
+    assert not marker.exists()
+
+
+def test_unknown_message_type_is_dropped(
+    cluster: jd.Cluster, runtime_dir: Path, zmq_ctx: zmq.Context
+) -> None:
+    info = connection_file.read(cluster.connection_file)
+    sock = _raw_dealer(zmq_ctx, info.url(info.client_port))
+    session = Session(bytes.fromhex(info.key))
+    frames = session.pack(MsgType.STATUS_REQUEST, {})
+    header = json.loads(json.dumps(__import__("msgpack").unpackb(frames[2])))
+    header["msg_type"] = "format_disk_request"
+    frames[2] = __import__("msgpack").packb(header)
+    import hashlib
+    import hmac
+
+    mac = hmac.new(bytes.fromhex(info.key), digestmod=hashlib.sha256)
+    for part in frames[2:6]:
+        mac.update(part)
+    frames[1] = mac.hexdigest().encode()
+    sock.send_multipart(frames)
+    poll_for(
+        lambda: (
+            "unknown message type 'format_disk_request'" in _controller_log(runtime_dir, cluster)
+        ),
+        10,
+        "log line",
+    )
+    assert len(cluster.status()) == 2
+
+
+def test_connection_file_is_private_and_controller_listens_on_loopback(cluster: jd.Cluster) -> None:
+    mode = stat.S_IMODE(os.stat(cluster.connection_file).st_mode)
+    assert mode == 0o600
+    info = connection_file.read(cluster.connection_file)
+    assert info.ip == "127.0.0.1"
+    listening = [
+        c
+        for c in psutil.Process(info.controller_pid).net_connections("tcp")
+        if c.status == "LISTEN"
+    ]
+    assert len(listening) == 3
+    assert {c.laddr.ip for c in listening} == {"127.0.0.1"}
+    assert {c.laddr.port for c in listening} == {info.client_port, info.engine_port, info.pub_port}
+
+
+def test_killed_engine_fails_its_task_within_seconds_and_others_go_on(
+    fresh_cluster: jd.Cluster,
+) -> None:
+    c = fresh_cluster
+    victim = c.status()[1]
+    future = c[1].run("import time; time.sleep(60)", block=False)
+    poll_for(lambda: c.status()[1].state == "busy", 10, "engine 1 busy")
+    queued = [c.submit(abs, -i) for i in range(40)]
+    started = time.monotonic()
+    os.kill(victim.pid, signal.SIGKILL)
+    with pytest.raises(jd.EngineDiedError) as info:
+        future.result(timeout=10)
+    assert time.monotonic() - started < 5
+    error = info.value
+    assert error.engine_id == 1
+    assert error.exit_code == -signal.SIGKILL
+    assert "SIGKILL(-9)" in str(error)
+    assert "%dist restart 1" in str(error)
+    assert [f.result(timeout=10) for f in queued] == list(range(40))  # balanced work moved on
+    poll_for(lambda: c.live_engine_ids() == [0], 5, "engine 1 marked dead")
+    assert c.run("'ok'") == ["ok"]
+    with pytest.raises(jd.NoEnginesError, match="engine 1 is not running"):
+        c[1].run("1")
+
+
+def test_hundred_thousand_tasks_from_one_client_all_complete(cluster: jd.Cluster) -> None:
+    n = 100_000
+    futures = cluster.map(abs, range(-n, 0), block=False)
+    assert sum(f.result(timeout=300) for f in futures) == n * (n + 1) // 2
+
+
+def test_stop_leaves_no_process_and_removes_the_connection_file(fresh_cluster: jd.Cluster) -> None:
+    c = fresh_cluster
+    pids = [connection_file.read(c.connection_file).controller_pid] + [e.pid for e in c.status()]
+    path = c.connection_file
+    c.stop()
+    for pid in pids:
+        poll_for(
+            lambda pid=pid: not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie",
+            10,
+            f"pid {pid} gone",
+        )
+    assert not os.path.exists(path)
+    with pytest.raises(jd.ClusterError):
+        c.run("1")
+
+
+def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "jupyter_dist.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_cli_start_list_status_stop(runtime_dir: Path) -> None:
+    started = _cli("start", "-n", "1")
+    assert started.returncode == 0, started.stderr
+    cluster_id = started.stdout.strip()
+    assert cluster_id in _cli("list").stdout
+    status = _cli("status", cluster_id)
+    assert status.returncode == 0, status.stderr
+    assert "idle" in status.stdout
+    controller_pid = connection_file.read(connection_file.path_for(cluster_id)).controller_pid
+    stopped = _cli("stop", cluster_id)
+    assert stopped.returncode == 0, stopped.stderr
+    poll_for(lambda: not psutil.pid_exists(controller_pid), 10, "controller gone")
+    assert cluster_id not in _cli("list").stdout
+    missing = _cli("status", "nope")
+    assert missing.returncode == 1
+    assert "No cluster with id 'nope'" in missing.stderr
+
+
+def test_jupyter_dist_is_a_jupyter_subcommand(runtime_dir: Path) -> None:
+    jupyter = Path(sys.executable).parent / "jupyter"
+    out = subprocess.run([str(jupyter), "dist", "list"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+
+
+def test_stale_connection_file_is_removed(runtime_dir: Path) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    info = connection_file.ClusterInfo(
+        "stale01", "00" * 32, "127.0.0.1", 1, 2, 3, dead.pid, os.uname().nodename, 0.0
+    )
+    path = connection_file.write(info)
+    assert path.exists()
+    assert "stale01" not in [i.cluster_id for _, i in connection_file.list_running()]
+    assert not path.exists()
+
+
+def _start_controller(n: int, orphan_timeout_s: float) -> tuple[subprocess.Popen[bytes], str]:
+    cluster_id = f"orphan{os.getpid() % 1000}{n}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jupyter_dist.cli", "controller", "--cluster-id", cluster_id, "-n", str(n),
+         "--orphan-timeout", str(orphan_timeout_s)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    return proc, cluster_id
+
+
+def test_controller_exits_when_all_its_engines_vanished(runtime_dir: Path) -> None:
+    proc, cluster_id = _start_controller(2, orphan_timeout_s=2)
+    try:
+        poll_for(lambda: connection_file.path_for(cluster_id).exists(), 30, "connection file")
+        c = jd.Cluster.connect(cluster_id)
+        c.wait_for_engines(2, 30)
+        pids = [e.pid for e in c.status()]
+        c.close()
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        assert proc.wait(timeout=30) == 0
+        assert not connection_file.path_for(cluster_id).exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_engines_exit_when_their_controller_vanished(runtime_dir: Path) -> None:
+    proc, cluster_id = _start_controller(2, orphan_timeout_s=20)
+    poll_for(lambda: connection_file.path_for(cluster_id).exists(), 30, "connection file")
+    c = jd.Cluster.connect(cluster_id)
+    c.wait_for_engines(2, 30)
+    engines = [psutil.Process(e.pid) for e in c.status()]
+    c.close()
+    proc.kill()
+    proc.wait()
+    _, alive = psutil.wait_procs(engines, timeout=30)
+    assert not alive
+    connection_file.path_for(cluster_id).unlink(missing_ok=True)
