@@ -1,0 +1,32 @@
+"""The tutorial notebooks run top to bottom in a real kernel, without errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+NOTEBOOKS = sorted((Path(__file__).parents[2] / "notebooks").glob("*.ipynb"))
+
+# What each tutorial must show in its printed output (a new notebook needs an entry).
+EXPECTED_TEXT = {
+    "01-getting-started": ["[0] hello from", "engine 0 raised ZeroDivisionError: division by zero"],
+}
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_tutorial_notebook_runs(path: Path, runtime_dir: Path) -> None:
+    notebook = nbformat.read(path, as_version=4)
+    NotebookClient(
+        notebook,
+        timeout=120,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(path.parent)}},
+    ).execute()
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    for snippet in EXPECTED_TEXT[path.stem]:
+        assert snippet in text
