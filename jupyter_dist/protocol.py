@@ -126,7 +126,7 @@ def _nbytes(buf: Buffer) -> int:
 
 def _as_view(buf: Buffer) -> memoryview:
     if isinstance(buf, zmq.Frame):
-        return cast(memoryview, buf.buffer)
+        return buf.buffer
     return memoryview(buf)
 
 

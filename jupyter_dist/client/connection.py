@@ -18,7 +18,7 @@ import zmq
 
 from jupyter_dist.client.futures import Future, error_from_reply
 from jupyter_dist.connection_file import ClusterInfo
-from jupyter_dist.errors import ClusterError, DistTimeoutError, SerializationError
+from jupyter_dist.errors import ClusterError, DistTimeoutError, EngineDiedError, SerializationError
 from jupyter_dist.ioloop import IOLoop
 from jupyter_dist.protocol import Buffer, Message, MsgType, Session, new_id, send, unpack_or_drop
 from jupyter_dist.serialize import deserialize
@@ -88,7 +88,7 @@ class Connection:
         try:
             return future.result(timeout_s)
         except concurrent.futures.TimeoutError:
-            self._call(lambda: self._requests.pop(msg_id, None))
+            self._call(lambda: self._forget_request(msg_id))
             raise DistTimeoutError(
                 f"The controller of cluster {self.info.cluster_id!r} did not answer a {msg_type} "
                 f"within {timeout_s} s. Is it running? `jupyter-dist list` shows the running clusters."
@@ -141,6 +141,9 @@ class Connection:
         self._is_closed = True
         self._loop.stop()
         self._thread.join(5)
+
+    def _forget_request(self, msg_id: str) -> None:
+        self._requests.pop(msg_id, None)
 
     def _call(self, fn: Callable[[], None]) -> None:
         if self._is_closed:
@@ -233,7 +236,10 @@ class Connection:
                 return
             future.set_result(value)
         elif status == "error":
-            future.set_exception(error_from_reply(content, self.info.cluster_id))
+            error = error_from_reply(content, self.info.cluster_id)
+            if isinstance(error, EngineDiedError):  # before the next published state says so
+                self.engine_ids = [i for i in self.engine_ids if i != error.engine_id]
+            future.set_exception(error)
         else:
             future.set_exception(
                 ClusterError(

@@ -99,12 +99,10 @@ class MultiFuture(Future):
                 return
         if self.done():
             return
-        errors = [
-            c.exception() for c in self.children if not c.cancelled() and c.exception() is not None
-        ]
         if any(c.cancelled() for c in self.children):
             self.cancel()
             return
+        errors = [e for c in self.children if (e := c.exception()) is not None]
         if errors:
             self.set_exception(combine_errors(errors))
             return

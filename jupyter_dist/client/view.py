@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import linecache
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -198,7 +199,7 @@ class View:
         if not block:
             return futures
         with tqdm(total=len(futures), desc=name, delay=0.5, disable=not progress) as bar:
-            pending = set(futures)
+            pending: set[concurrent.futures.Future[Any]] = set(futures)
             while pending:
                 done, pending = self._cluster.wait_any(pending, [f.id for f in futures])
                 bar.update(len(done))

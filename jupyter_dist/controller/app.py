@@ -43,7 +43,7 @@ EngineStarter = Callable[[str, int | None], Any]
 
 
 def _router(ctx: zmq.Context[Any]) -> zmq.Socket[Any]:
-    sock = ctx.socket(zmq.ROUTER)
+    sock: zmq.Socket[Any] = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     sock.setsockopt(zmq.SNDHWM, 0)
     sock.setsockopt(zmq.RCVHWM, 0)
@@ -82,7 +82,8 @@ class Controller:
         self.registry = EngineRegistry()
         self.tasks = TaskStore()
         self.balanced = BalancedQueue()
-        self.stealing: set[str] = set()  # task ids asked back from engines
+        self.stealing: set[str] = set()  # task ids asked back from engines to move them
+        self.cancelling: set[str] = set()  # task ids asked back from engines to cancel them
         self.launching: dict[int, Any] = {}  # pid -> handle of started, unregistered engines
         self.launch_failures: list[dict[str, Any]] = []
         self.started = time.monotonic()
@@ -294,16 +295,21 @@ class Controller:
         )
 
     def _on_cancel(self, ident: bytes, msg: Message) -> None:
+        """Drop queued tasks here; ask engines to give back those they have not started."""
         cancelled = []
         for task_id in msg.content["task_ids"]:
             record = self.tasks.get(task_id)
-            if (
-                record is not None
-                and record.state == TaskState.QUEUED
-                and self.balanced.remove(record)
-            ):
+            if record is None or record.is_finished:
+                continue
+            if record.state == TaskState.QUEUED and self.balanced.remove(record):
                 self.tasks.finish(record, TaskState.CANCELLED, None)
                 cancelled.append(task_id)
+                continue
+            engine = self.registry.by_id(record.engine_id) if record.engine_id is not None else None
+            if engine is not None and task_id in list(engine.in_flight)[1:]:
+                self.cancelling.add(task_id)
+                self._send_engine(engine, MsgType.STEAL_REQUEST, {"task_ids": [task_id]})
+        self.is_state_dirty = True
         self._reply(ident, MsgType.CANCEL_REPLY, {"cancelled": cancelled}, msg)
 
     def _on_interrupt(self, ident: bytes, msg: Message) -> None:
@@ -365,13 +371,13 @@ class Controller:
         for engine_id, task_ids in self.balanced.plan_steals(
             live, self.tasks.get, self.stealing
         ).items():
-            engine = self.registry.by_id(engine_id)
-            if engine is not None:
+            donor = self.registry.by_id(engine_id)
+            if donor is not None:
                 self.stealing.update(task_ids)
-                self._send_engine(engine, MsgType.STEAL_REQUEST, {"task_ids": task_ids})
+                self._send_engine(donor, MsgType.STEAL_REQUEST, {"task_ids": task_ids})
 
     def _on_steal_reply(self, engine: EngineRecord, msg: Message) -> None:
-        """Take back the tasks the engine had not started, and place them again."""
+        """Take back the tasks the engine had not started: place them again, or end cancelled ones."""
         self.stealing.difference_update(msg.content["asked"])
         returned = []
         for task_id in msg.content["task_ids"]:
@@ -379,9 +385,13 @@ class Controller:
             if record is None or task_id not in engine.in_flight:
                 continue
             engine.in_flight.remove(task_id)
+            if task_id in self.cancelling:
+                self.tasks.finish(record, TaskState.CANCELLED, None)
+                continue
             record.state = TaskState.QUEUED
             record.engine_id = None
             returned.append(record)
+        self.cancelling.difference_update(msg.content["asked"])
         self.balanced.push_front(returned)
         self._dispatch_balanced()
 
@@ -514,6 +524,9 @@ class Controller:
             return
         if exit_code is None and engine.process is not None:
             exit_code = engine.process.poll()
+        if exit_code is None and engine.process is not None:
+            engine.process.kill()  # silent but alive (stopped, or stuck holding the GIL): end it
+            exit_code = engine.process.wait()
         self.registry.mark_dead(engine, exit_code)
         logger.error(
             "engine %d (pid %d) died, exit code %s", engine.engine_id, engine.pid, exit_code

@@ -216,7 +216,7 @@ class Engine:
             OutStream(name, self._send_stream, self.loop.call_soon_threadsafe, self.loop.call_later)
             for name in ("stdout", "stderr")
         ]
-        sys.stdout, sys.stderr = streams  # type: ignore[assignment]
+        sys.stdout, sys.stderr = streams
         while (msg := self.tasks.get()) is not None:
             self._run_task(executor, msg, streams)
         io_thread.join(5)

@@ -37,11 +37,13 @@ class _ValueHook(DisplayHook):
 
     def __call__(self, result: Any = None) -> None:
         if result is not None:
-            self.fill_exec_result(result)
+            self.fill_exec_result(result)  # type: ignore[no-untyped-call]
 
 
 class _EngineShell(InteractiveShell):
     """An InteractiveShell that hands tracebacks to the executor instead of printing them."""
+
+    last_error: dict[str, str] | None = None
 
     def _showtraceback(self, etype: type, evalue: BaseException, stb: list[str]) -> None:
         self.last_error = {
@@ -72,6 +74,7 @@ class Executor:
         """Run one task described by a ``task_request``'s content and payload."""
         kind = content.get("kind")
         self.shell.last_error = None
+        payload: Any = None
         try:
             payload = (
                 deserialize(pickled, raw, f"the input of task {content['task_id']}")
@@ -96,7 +99,7 @@ class Executor:
         )
 
     def _execute(self, code: str) -> Outcome:
-        result = self.shell.run_cell(code, store_history=False, silent=False)
+        result = self.shell.run_cell(code, store_history=False, silent=False)  # type: ignore[no-untyped-call]
         if not result.success:
             return Outcome(error=self._take_error(result.error_before_exec or result.error_in_exec))
         return Outcome(value=result.result)

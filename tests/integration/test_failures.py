@@ -39,6 +39,15 @@ def zmq_ctx():
     ctx.destroy(linger=0)
 
 
+def test_garbage_sent_to_the_state_publisher_changes_nothing(
+    cluster: jd.Cluster, zmq_ctx: zmq.Context
+) -> None:
+    info = connection_file.read(cluster.connection_file)
+    sock = _raw_dealer(zmq_ctx, info.url(info.pub_port))
+    sock.send_multipart([DELIM, b"forged", b"x", b"x", b"x", b"x"])
+    assert cluster.run("'still serving'") == ["still serving", "still serving"]
+
+
 @pytest.mark.parametrize("port_name", ["client_port", "engine_port"])
 def test_forged_and_truncated_messages_are_dropped_and_never_run(
     cluster: jd.Cluster, runtime_dir: Path, zmq_ctx: zmq.Context, tmp_path: Path, port_name: str
@@ -243,3 +252,39 @@ def test_engines_exit_when_their_controller_vanished(runtime_dir: Path) -> None:
     _, alive = psutil.wait_procs(engines, timeout=30)
     assert not alive
     connection_file.path_for(cluster_id).unlink(missing_ok=True)
+
+
+def test_silent_engine_is_declared_dead_by_heartbeat(fresh_cluster: jd.Cluster) -> None:
+    c = fresh_cluster
+    victim = c.status()[0]
+    future = c[0].run("import time; time.sleep(30)", block=False)
+    poll_for(lambda: c.status()[0].state == "busy", 10, "engine 0 busy")
+    started = time.monotonic()
+    os.kill(victim.pid, signal.SIGSTOP)  # alive, but no heartbeats any more
+    with pytest.raises(jd.EngineDiedError, match="Engine 0"):
+        future.result(timeout=10)
+    assert time.monotonic() - started < 6
+    poll_for(
+        lambda: not psutil.pid_exists(victim.pid), 10, "the stopped engine ended by its controller"
+    )
+    assert c.run("'ok'") == ["ok"]
+
+
+def test_cancel_stops_work_that_has_not_started(cluster: jd.Cluster, tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    blocker = cluster[0].run("import time; time.sleep(1)", block=False)
+
+    def touch() -> None:
+        marker.write_text("ran")
+
+    queued = cluster[[0]].submit(touch)
+    assert queued.cancel()
+    assert queued.cancelled()
+    blocker.result(timeout=10)
+    assert cluster[0].run("'after'") == "after"
+    assert not marker.exists()
+    poll_for(
+        lambda: any(t.task_id == queued.id and t.state == "cancelled" for t in cluster.history(20)),
+        5,
+        "the controller records the task as cancelled",
+    )
