@@ -88,7 +88,9 @@ class Controller:
         self.launch_failures: list[dict[str, Any]] = []
         self.started = time.monotonic()
         self.last_engine_seen = self.started
-        self.is_state_dirty = True
+        self.is_state_dirty = True  # something may have changed since the last publication
+        self.state_seq = 0  # numbers each published state, so monitors can order them
+        self.published_state: dict[str, Any] = {}
         self.connection_path = ""
 
     # ---- life cycle ---------------------------------------------------
@@ -242,6 +244,10 @@ class Controller:
                 "done": self.tasks.count_done,
                 "failed": self.tasks.count_failed,
             },
+            # Issue 4 folds the living actors in here, one dict each: actor_id, class_name,
+            # engine_id, pending, done, state (the latest state() snapshot). Monitors render them.
+            "actors": [],
+            "seq": self.state_seq,
         }
 
     def _on_task(self, ident: bytes, msg: Message) -> None:
@@ -416,7 +422,10 @@ class Controller:
         elif msg.msg_type == MsgType.STEAL_REPLY:
             self._on_steal_reply(engine, msg)
         elif msg.msg_type == MsgType.HEARTBEAT_REQUEST:
-            engine.metrics = msg.content.get("metrics", {})
+            metrics = msg.content.get("metrics", {})
+            if metrics != engine.metrics:
+                engine.metrics = metrics
+                self.is_state_dirty = True
             self._send_engine(engine, MsgType.HEARTBEAT_REPLY, {})
         elif msg.msg_type != MsgType.SHUTDOWN_REPLY:
             logger.warning(
@@ -561,7 +570,15 @@ class Controller:
     # ---- state for monitors ---------------------------------------------
 
     def _publish_state(self) -> None:
+        """Publish the state if it changed since the last publication (at most every 0.25 s)."""
         if self.is_state_dirty:
             self.is_state_dirty = False
-            self.pub.send_multipart(self.session.pack(MsgType.STATE, self._status()))
+            state = self._status()
+            state.pop("seq")
+            if state != self.published_state:
+                self.published_state = state
+                self.state_seq += 1
+                self.pub.send_multipart(
+                    self.session.pack(MsgType.STATE, {**state, "seq": self.state_seq})
+                )
         self.loop.call_later(PUBLISH_INTERVAL_S, self._publish_state)

@@ -21,12 +21,12 @@ from collections import deque
 from types import FrameType
 from typing import Any
 
-import psutil
 import zmq
 
 from jupyter_dist import serialize
 from jupyter_dist.connection_file import ClusterInfo
 from jupyter_dist.engine.executor import Executor, Outcome
+from jupyter_dist.engine.metrics import MetricsSampler
 from jupyter_dist.engine.streams import OutStream
 from jupyter_dist.errors import SerializationError
 from jupyter_dist.ioloop import IOLoop
@@ -84,7 +84,7 @@ class Engine:
         self.is_running_user_code = False
         self.parent_pid = os.getppid()
         self.last_controller_contact = time.monotonic()
-        self.process = psutil.Process()
+        self.metrics = MetricsSampler()
 
     # ---- I/O thread -------------------------------------------------
 
@@ -102,6 +102,7 @@ class Engine:
         )
         self.loop.call_later(HEARTBEAT_INTERVAL_S, self._heartbeat)
         self.loop.run()
+        self.metrics.close()
         sock.close(linger=1000)
         self.loop.close()
 
@@ -160,16 +161,10 @@ class Engine:
             return
         if self.registered.is_set():
             self._send(
-                MsgType.HEARTBEAT_REQUEST, {"engine_id": self.engine_id, "metrics": self._metrics()}
+                MsgType.HEARTBEAT_REQUEST,
+                {"engine_id": self.engine_id, "metrics": self.metrics.sample()},
             )
         self.loop.call_later(HEARTBEAT_INTERVAL_S, self._heartbeat)
-
-    def _metrics(self) -> dict[str, Any]:
-        with self.process.oneshot():
-            return {
-                "cpu_percent": self.process.cpu_percent(None),
-                "rss_bytes": self.process.memory_info().rss,
-            }
 
     def _interrupt(self, task_ids: list[str] | None) -> None:
         if not self.is_running_user_code:

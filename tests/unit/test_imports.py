@@ -89,7 +89,7 @@ def test_the_engine_imports_nothing_from_the_client_side_or_the_ui() -> None:
     assert (
         under(report["modules"], (*CLIENT_SIDE, "jupyter_dist.server", "ipywidgets", "tqdm")) == []
     )
-    assert under(report["added"], ("IPython.display",)) == []
+    assert under(report["added"], ("IPython.display", "pynvml")) == []  # NVML: on first sample
     assert report["threads"] == 1
 
 

@@ -1,0 +1,38 @@
+"""Sample what an engine process uses: CPU, memory and its GPUs, for the heartbeat."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import psutil
+
+from jupyter_dist.engine.gpus import GpuProbe, NvmlGpuProbe
+
+
+class MetricsSampler:
+    """Builds the ``metrics`` dict an engine's heartbeat carries; called on the I/O thread.
+
+    ``cpu_percent`` is measured since the previous sample (psutil's
+    interval-free mode), so the first one reads 0. Values are rounded so a
+    steady engine sends the same metrics again and the controller has
+    nothing new to publish.
+    """
+
+    def __init__(self, gpus: GpuProbe | None = None, pid: int | None = None) -> None:
+        self.pid = os.getpid() if pid is None else pid
+        self.process = psutil.Process(self.pid)
+        self.gpus: GpuProbe = NvmlGpuProbe() if gpus is None else gpus
+
+    def sample(self) -> dict[str, Any]:
+        with self.process.oneshot():
+            cpu_percent = round(self.process.cpu_percent(None))
+            rss_bytes = self.process.memory_info().rss
+        return {
+            "cpu_percent": cpu_percent,
+            "rss_bytes": rss_bytes,
+            "gpus": self.gpus.sample(self.pid),
+        }
+
+    def close(self) -> None:
+        self.gpus.close()

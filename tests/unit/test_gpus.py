@@ -1,0 +1,176 @@
+"""The NVML probe: which GPUs an engine reports, and what it reads of each."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import psutil
+import pytest
+
+from jupyter_dist.engine.gpus import NvmlGpuProbe, parse_visible_devices
+from jupyter_dist.engine.metrics import MetricsSampler
+from tests.unit.fake_gpus import FakeDevice, FakeGpuProbe, FakeNvml
+
+UUIDS = [
+    "GPU-11111111-aaaa-bbbb-cccc-000000000000",
+    "GPU-22222222-aaaa-bbbb-cccc-000000000000",
+    "GPU-33333333-aaaa-bbbb-cccc-000000000000",
+]
+
+
+def _nvml() -> FakeNvml:
+    return FakeNvml(
+        [
+            FakeDevice(UUIDS[0], utilization_percent=10),
+            FakeDevice(UUIDS[1], utilization_percent=20, memory_used_bytes=5 * 2**30),
+            FakeDevice(UUIDS[2], utilization_percent=30),
+        ]
+    )
+
+
+def _has_real_nvml() -> bool:
+    try:
+        import pynvml
+    except ImportError:
+        return False
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return False
+    pynvml.nvmlShutdown()
+    return True
+
+
+@pytest.mark.parametrize(
+    ("value", "entries"),
+    [
+        (None, None),
+        ("", []),
+        ("0,2", ["0", "2"]),
+        (" 1 , GPU-2222 ", ["1", "GPU-2222"]),
+        ("1,-1,0", ["1"]),
+    ],
+)
+def test_visible_devices_are_parsed_as_cuda_reads_them(
+    value: str | None, entries: list[str] | None
+) -> None:
+    assert parse_visible_devices(value) == entries
+
+
+def test_every_gpu_is_reported_when_cuda_visible_devices_is_unset() -> None:
+    probe = NvmlGpuProbe(_nvml(), environ={})
+
+    samples = probe.sample(os.getpid())
+
+    assert [(s["index"], s["uuid"], s["utilization_percent"]) for s in samples] == [
+        (0, UUIDS[0], 10),
+        (1, UUIDS[1], 20),
+        (2, UUIDS[2], 30),
+    ]
+
+
+def test_only_the_visible_gpus_are_reported_with_their_cuda_ordinals() -> None:
+    probe = NvmlGpuProbe(_nvml(), environ={"CUDA_VISIBLE_DEVICES": "2,GPU-2222"})
+
+    samples = probe.sample(os.getpid())
+
+    assert [(s["index"], s["nvml_index"], s["uuid"]) for s in samples] == [
+        (0, 2, UUIDS[2]),
+        (1, 1, UUIDS[1]),
+    ]
+
+
+def test_a_visible_device_list_ends_at_its_first_unknown_entry() -> None:
+    probe = NvmlGpuProbe(_nvml(), environ={"CUDA_VISIBLE_DEVICES": "1,7,0"})
+
+    assert [s["uuid"] for s in probe.sample(os.getpid())] == [UUIDS[1]]
+
+
+def test_a_gpu_sample_holds_memory_temperature_power_and_this_process_memory() -> None:
+    nvml = _nvml()
+    nvml.devices[1].processes = {os.getpid(): 3 * 2**30, 999_999: 2**30}
+    probe = NvmlGpuProbe(nvml, environ={"CUDA_VISIBLE_DEVICES": "1"})
+
+    (sample,) = probe.sample(os.getpid())
+
+    assert sample == {
+        "index": 0,
+        "nvml_index": 1,
+        "uuid": UUIDS[1],
+        "name": "NVIDIA H100 80GB HBM3",
+        "utilization_percent": 20,
+        "memory_used_bytes": 5 * 2**30,
+        "memory_total_bytes": 80 * 2**30,
+        "temperature_c": 40,
+        "power_w": 70.0,
+        "process_memory_bytes": 3 * 2**30,
+    }
+
+
+def test_a_reading_the_board_does_not_support_is_none() -> None:
+    nvml = _nvml()
+    nvml.devices[0].power_mw = None
+    probe = NvmlGpuProbe(nvml, environ={"CUDA_VISIBLE_DEVICES": "0"})
+
+    assert probe.sample(os.getpid())[0]["power_w"] is None
+
+
+def test_without_a_driver_no_gpus_are_reported_and_nothing_alarming_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    nvml = FakeNvml([], is_missing=True)
+    probe = NvmlGpuProbe(nvml, environ={})
+
+    with caplog.at_level(logging.DEBUG, logger="jupyter_dist.engine.gpus"):
+        first = probe.sample(os.getpid())
+        second = probe.sample(os.getpid())
+
+    assert first == second == []
+    assert nvml.calls == ["nvmlInit"]  # tried once, not at every heartbeat
+    assert [r.levelname for r in caplog.records] == ["DEBUG"]
+
+
+def test_nvml_is_initialised_on_the_first_sample_and_shut_down_on_close() -> None:
+    nvml = _nvml()
+    probe = NvmlGpuProbe(nvml, environ={})
+    assert nvml.calls == []
+
+    probe.sample(os.getpid())
+    probe.sample(os.getpid())
+    probe.close()
+
+    assert nvml.calls == ["nvmlInit", "nvmlShutdown"]
+    assert probe.sample(os.getpid()) == []
+
+
+def test_engine_metrics_carry_cpu_memory_and_the_probe_gpus() -> None:
+    gpu = NvmlGpuProbe(_nvml(), environ={"CUDA_VISIBLE_DEVICES": "0"}).sample(os.getpid())
+    probe = FakeGpuProbe(gpu)
+    sampler = MetricsSampler(probe)
+
+    metrics = sampler.sample()
+    sampler.close()
+
+    assert metrics["gpus"] == gpu
+    assert metrics["rss_bytes"] == pytest.approx(psutil.Process().memory_info().rss, rel=0.5)
+    assert isinstance(metrics["cpu_percent"], int)
+    assert probe.is_closed
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _has_real_nvml(), reason="needs an NVIDIA driver (NVML)")
+def test_the_real_nvml_reports_each_visible_gpu() -> None:
+    probe = NvmlGpuProbe()
+    try:
+        samples = probe.sample(os.getpid())
+    finally:
+        probe.close()
+
+    assert samples, "NVML is present but no GPU was reported"
+    for index, sample in enumerate(samples):
+        assert sample["index"] == index
+        assert sample["uuid"].startswith(("GPU-", "MIG-"))
+        assert sample["name"]
+        assert (sample["memory_total_bytes"] or 0) > 0
+        assert 0 <= (sample["utilization_percent"] or 0) <= 100
