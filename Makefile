@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: lab test lint unit integration clean
+.PHONY: lab test lint unit integration bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ unit: $(STAMP)
 
 integration: $(STAMP)
 	$(BIN)/python -m pytest -p no:cacheprovider -m integration tests
+
+# Installs the peers (ipyparallel, Dask, Ray) and prints the side-by-side table (benchmarks/RESULTS.md).
+bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	$(BIN)/python -m benchmarks --json benchmarks/last-run.json
 
 clean:
 	rm -rf $(VENV)

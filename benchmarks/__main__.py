@@ -1,0 +1,9 @@
+"""``python -m benchmarks``: run every peer and print the table."""
+
+from __future__ import annotations
+
+import sys
+
+from benchmarks.run import main
+
+sys.exit(main())

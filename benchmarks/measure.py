@@ -1,0 +1,171 @@
+"""Timing, memory and CPU measurements shared by the peers, and the peers' command line.
+
+Every peer module calls ``peer_main(run)``: it parses ``--out FILE`` and
+``--quick``, calls ``run(sizes, samples)`` and writes the samples it
+collected as JSON, also when a figure fails half way (the parent shows
+what came back and n/a for the rest).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import psutil
+
+from benchmarks.figures import MB, Sizes
+
+Samples = dict[str, list[float]]
+
+
+def timed_ms(fn: Callable[[], Any], reps: int, warmup: int = 2) -> list[float]:
+    """Milliseconds of each of ``reps`` calls of ``fn`` after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - start) * 1000)
+    return out
+
+
+def rate(fn: Callable[[], Any], amount: float, reps: int, warmup: int = 1) -> list[float]:
+    """``amount`` per second (MB/s, tasks/s) of each of ``reps`` calls of ``fn``."""
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        out.append(amount / (time.perf_counter() - start))
+    return out
+
+
+def mb_per_s(fn: Callable[[], Any], nbytes: int, reps: int, warmup: int = 1) -> list[float]:
+    return rate(fn, nbytes / MB, reps, warmup)
+
+
+def memory_mb(pids: Iterable[int]) -> tuple[list[float], list[float]]:
+    """RSS and USS (memory only this process holds), in MB, of each pid that still runs."""
+    rss, uss = [], []
+    for pid in pids:
+        try:
+            full = psutil.Process(pid).memory_full_info()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        rss.append(full.rss / MB)
+        uss.append(full.uss / MB)
+    return rss, uss
+
+
+def record_idle(
+    samples: Samples,
+    sizes: Sizes,
+    engine_pids: Callable[[], Iterable[int]],
+    controller_pids: Callable[[], Iterable[int]] | None,
+) -> None:
+    """Let the cluster settle, then record its idle CPU and its engines' and controller's memory.
+
+    A controller made of several processes (Ray's) counts as their sum;
+    ``controller_pids=None`` means there is no controller process to measure.
+    """
+    time.sleep(sizes.settle_s)
+    record(samples, "idle_cpu", idle_cpu_percent(sizes.idle_window_s))
+    rss, uss = memory_mb(engine_pids())
+    record(samples, "engine_rss", rss)
+    record(samples, "engine_uss", uss)
+    if controller_pids is not None:
+        rss, uss = memory_mb(controller_pids())
+        if rss:
+            record(samples, "controller_rss", sum(rss))
+            record(samples, "controller_uss", sum(uss))
+
+
+def tree_pids() -> list[int]:
+    """This process and all its descendants: the whole cluster when this process started it."""
+    me = psutil.Process()
+    return [me.pid, *(p.pid for p in me.children(recursive=True))]
+
+
+def _cpu_seconds(pids: Iterable[int]) -> dict[int, float]:
+    out = {}
+    for pid in pids:
+        try:
+            times = psutil.Process(pid).cpu_times()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        out[pid] = times.user + times.system
+    return out
+
+
+def idle_cpu_percent(window_s: float) -> float:
+    """CPU used by this process and its descendants over ``window_s`` idle seconds, in % of one core."""
+    pids = tree_pids()
+    before = _cpu_seconds(pids)
+    start = time.perf_counter()
+    time.sleep(window_s)
+    after = _cpu_seconds(pids)
+    elapsed = time.perf_counter() - start
+    used = sum(after[pid] - before[pid] for pid in after if pid in before)
+    return 100.0 * used / elapsed
+
+
+def record(samples: Samples, key: str, values: list[float] | float) -> None:
+    """Add samples of a figure and say so on stderr (the parent shows progress from it)."""
+    values = values if isinstance(values, list) else [values]
+    samples.setdefault(key, []).extend(values)
+    print(f"  {key}: {', '.join(f'{v:.4g}' for v in values[:8])}", file=sys.stderr, flush=True)
+
+
+def run_clusters(
+    sizes: Sizes,
+    samples: Samples,
+    start: Callable[[int], tuple[Any, float]],
+    stop: Callable[[Any], float],
+    small_figures: Callable[[Any, Sizes, Samples], None],
+    large_figures: Callable[[Any, Sizes, Samples], None],
+) -> None:
+    """The same schedule for every peer: start and stop clusters, measure on a small and a large one.
+
+    ``start(n)`` returns a handle and the seconds until all ``n`` engines
+    ran a first task; ``stop(handle)`` the seconds to end the cluster.
+    """
+    for _ in range(sizes.startup_reps - 1):
+        for key, n in (("small", sizes.engines_small), ("large", sizes.engines_large)):
+            handle, took = start(n)
+            record(samples, f"startup_{key}", took)
+            record(samples, f"stop_{key}", stop(handle))
+    for key, n, figures in (
+        ("small", sizes.engines_small, small_figures),
+        ("large", sizes.engines_large, large_figures),
+    ):
+        handle, took = start(n)
+        record(samples, f"startup_{key}", took)
+        figures(handle, sizes, samples)
+        record(samples, f"stop_{key}", stop(handle))
+
+
+def peer_main(run: Callable[[Sizes, Samples], None]) -> int:
+    """Run one peer's figures and write ``{"samples": ..., "versions": ..., "error": ...}``."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    sizes = Sizes.quick() if args.quick else Sizes()
+    samples: Samples = {}
+    error = ""
+    try:
+        run(sizes, samples)
+    except Exception:
+        error = traceback.format_exc()
+        print(error, file=sys.stderr)
+    with open(args.out, "w") as f:
+        json.dump({"samples": samples, "error": error, "pid": os.getpid()}, f)
+    return 1 if error else 0

@@ -1,0 +1,154 @@
+"""The floors of this machine: what pyzmq, a plain socket and memcpy allow, with no framework.
+
+* A minimal Python broker (a ROUTER for clients, a DEALER to one echo
+  worker, a poll loop forwarding both ways) in a process of its own, and an
+  echo worker in another: the client -> controller -> engine path with
+  nothing but ``recv_multipart``/``send_multipart``. Round trip and
+  pipelined messages per second.
+* One large message over TCP loopback with pyzmq ``copy=False``, and the
+  same bytes over a plain TCP socket; memcpy of the same size.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import socket
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import zmq
+
+from benchmarks.figures import Sizes
+from benchmarks.measure import Samples, mb_per_s, peer_main, record, timed_ms
+
+
+def _broker(client_url: Any, worker_url: Any) -> None:
+    ctx = zmq.Context()
+    front = ctx.socket(zmq.ROUTER)
+    back = ctx.socket(zmq.DEALER)
+    client_url.put(f"tcp://127.0.0.1:{front.bind_to_random_port('tcp://127.0.0.1')}")
+    worker_url.put(f"tcp://127.0.0.1:{back.bind_to_random_port('tcp://127.0.0.1')}")
+    poller = zmq.Poller()
+    poller.register(front, zmq.POLLIN)
+    poller.register(back, zmq.POLLIN)
+    while True:
+        for sock, _ in poller.poll():
+            while True:
+                try:
+                    frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                if frames[-1].bytes == b"stop":
+                    return
+                (back if sock is front else front).send_multipart(frames, copy=False)
+
+
+def _echo_worker(url: str) -> None:
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.connect(url)
+    while True:
+        frames = sock.recv_multipart(copy=False)
+        sock.send_multipart(frames, copy=False)
+
+
+def broker_floor(sizes: Sizes, samples: Samples) -> None:
+    mp = multiprocessing.get_context("spawn")
+    client_url, worker_url = mp.Queue(), mp.Queue()
+    broker = mp.Process(target=_broker, args=(client_url, worker_url), daemon=True)
+    broker.start()
+    front, back = client_url.get(timeout=30), worker_url.get(timeout=30)
+    worker = mp.Process(target=_echo_worker, args=(back,), daemon=True)
+    worker.start()
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.connect(front)
+    payload = [b"header" * 20, b"x" * 200]
+
+    def roundtrip() -> None:
+        sock.send_multipart(payload)
+        sock.recv_multipart()
+
+    record(samples, "floor_broker_roundtrip", timed_ms(roundtrip, sizes.roundtrip_reps, 20))
+    n = sizes.pipelined_msgs
+    for _ in range(3):
+        window = 1000
+        start = time.perf_counter()
+        sent = received = 0
+        while received < n:
+            while sent < n and sent - received < window:
+                sock.send_multipart(payload)
+                sent += 1
+            sock.recv_multipart()
+            received += 1
+        record(samples, "floor_broker_pipelined", n / (time.perf_counter() - start))
+    sock.send_multipart([b"stop"])
+    broker.join(10)
+    worker.kill()
+    sock.close(linger=0)
+    ctx.term()
+
+
+def zmq_send_floor(sizes: Sizes, samples: Samples) -> None:
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    url = f"tcp://127.0.0.1:{pull.bind_to_random_port('tcp://127.0.0.1')}"
+    push = ctx.socket(zmq.PUSH)
+    push.connect(url)
+    blob = np.ones(sizes.nbytes, dtype=np.uint8)
+
+    def once() -> None:
+        push.send(blob, copy=False)
+        frame = pull.recv(copy=False)
+        assert len(frame) == sizes.nbytes
+
+    record(samples, "floor_zmq_send", mb_per_s(once, sizes.nbytes, sizes.transfer_reps))
+    push.close(linger=0)
+    pull.close(linger=0)
+    ctx.term()
+
+
+def tcp_send_floor(sizes: Sizes, samples: Samples) -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    blob = np.ones(sizes.nbytes, dtype=np.uint8)
+    sink = np.empty(sizes.nbytes, dtype=np.uint8)
+    sender = socket.create_connection(("127.0.0.1", port))
+    receiver, _ = listener.accept()
+
+    def once() -> None:
+        thread = threading.Thread(target=sender.sendall, args=(memoryview(blob),))
+        thread.start()
+        view = memoryview(sink)
+        got = 0
+        while got < sizes.nbytes:
+            got += receiver.recv_into(view[got:])
+        thread.join()
+
+    record(samples, "floor_tcp_send", mb_per_s(once, sizes.nbytes, sizes.transfer_reps))
+    for s in (sender, receiver, listener):
+        s.close()
+
+
+def memcpy_floor(sizes: Sizes, samples: Samples) -> None:
+    src = np.ones(sizes.nbytes, dtype=np.uint8)
+    dst = np.empty_like(src)
+    dst[:] = 0  # touch the pages once: this is the copy itself, not page faults
+    record(
+        samples,
+        "floor_memcpy",
+        mb_per_s(lambda: np.copyto(dst, src), sizes.nbytes, sizes.transfer_reps),
+    )
+
+
+def run(sizes: Sizes, samples: Samples) -> None:
+    broker_floor(sizes, samples)
+    zmq_send_floor(sizes, samples)
+    tcp_send_floor(sizes, samples)
+    memcpy_floor(sizes, samples)
+
+
+if __name__ == "__main__":
+    raise SystemExit(peer_main(run))

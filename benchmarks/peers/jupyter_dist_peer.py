@@ -1,0 +1,77 @@
+"""jupyter-dist under the benchmark: the public API only, as a notebook would call it."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+import jupyter_dist as jd
+from benchmarks.figures import Sizes
+from benchmarks.measure import (
+    Samples,
+    mb_per_s,
+    peer_main,
+    rate,
+    record,
+    record_idle,
+    run_clusters,
+    timed_ms,
+)
+from jupyter_dist import connection_file
+
+
+def noop() -> None:
+    return None
+
+
+def start(n: int) -> tuple[jd.Cluster, float]:
+    """Start ``n`` engines; ready means each has run a first task."""
+    begin = time.perf_counter()
+    c = jd.Cluster.start(n=n, timeout_s=120)
+    c.apply(noop)
+    return c, time.perf_counter() - begin
+
+
+def stop(c: jd.Cluster) -> float:
+    begin = time.perf_counter()
+    c.stop()
+    return time.perf_counter() - begin
+
+
+def small_cluster_figures(c: jd.Cluster, sizes: Sizes, samples: Samples) -> None:
+    e0 = c[0]
+    reps = sizes.roundtrip_reps
+    record(samples, "roundtrip_direct", timed_ms(lambda: e0.apply(noop), reps))
+    record(samples, "roundtrip_balanced", timed_ms(lambda: c.submit(noop).result(60), reps))
+
+    def many() -> None:
+        for f in [c.submit(noop) for _ in range(sizes.tasks)]:
+            f.result(600)
+
+    record(samples, "throughput", rate(many, sizes.tasks, sizes.task_reps))
+    record(samples, "broadcast_small", timed_ms(lambda: c.run("a = 1"), sizes.broadcast_reps))
+
+    arr = np.random.default_rng(0).integers(0, 255, sizes.nbytes, dtype=np.uint8)
+    reps = sizes.transfer_reps
+    record(samples, "push", mb_per_s(lambda: e0.push(x=arr), sizes.nbytes, reps))
+    e0.push(y=arr)
+    record(samples, "pull", mb_per_s(lambda: e0.pull("y"), sizes.nbytes, reps))
+    e0.run("del x, y")
+    record(samples, "scatter", mb_per_s(lambda: c.scatter("s", arr), sizes.nbytes, reps))
+    record(samples, "gather", mb_per_s(lambda: c.gather("s"), sizes.nbytes, reps))
+    c.run("del s")
+
+
+def large_cluster_figures(c: jd.Cluster, sizes: Sizes, samples: Samples) -> None:
+    record(samples, "broadcast_large", timed_ms(lambda: c.run("a = 1"), sizes.broadcast_reps))
+    controller = connection_file.read(c.connection_file).controller_pid
+    record_idle(samples, sizes, lambda: [e.pid for e in c.status()], lambda: [controller])
+
+
+def run(sizes: Sizes, samples: Samples) -> None:
+    run_clusters(sizes, samples, start, stop, small_cluster_figures, large_cluster_figures)
+
+
+if __name__ == "__main__":
+    raise SystemExit(peer_main(run))
