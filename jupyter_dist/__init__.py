@@ -50,6 +50,13 @@ def __getattr__(name: str) -> Any:
     return value
 
 
+def load_ipython_extension(shell: Any) -> None:
+    """``%load_ext jupyter_dist``: the ``%dist``, ``%%distributed`` and ``%autodist`` magics."""
+    from jupyter_dist.magics import load
+
+    load(shell)
+
+
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
 

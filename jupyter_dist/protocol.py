@@ -51,6 +51,8 @@ class MsgType(StrEnum):
     TASK_REQUEST = "task_request"  # client -> controller -> engine
     TASK_REPLY = "task_reply"  # engine -> controller -> client
     STREAM = "stream"  # engine -> controller -> client: stdout/stderr text
+    DISPLAY_DATA = "display_data"  # engine -> controller -> client: a rich output
+    EXECUTE_RESULT = "execute_result"  # engine -> controller -> client: a cell's value, shown
     CONNECT_REQUEST = "connect_request"  # client -> controller
     CONNECT_REPLY = "connect_reply"
     STATUS_REQUEST = "status_request"
@@ -65,6 +67,8 @@ class MsgType(StrEnum):
     INTERRUPT_REPLY = "interrupt_reply"
     STEAL_REQUEST = "steal_request"  # controller -> engine: give back unstarted tasks
     STEAL_REPLY = "steal_reply"
+    RESTART_REQUEST = "restart_request"  # client -> controller: replace engines in place
+    RESTART_REPLY = "restart_reply"
     SHUTDOWN_REQUEST = "shutdown_request"  # client -> controller, controller -> engine
     SHUTDOWN_REPLY = "shutdown_reply"
     STATE = "state"  # controller PUB: the cluster's state for monitors

@@ -13,16 +13,19 @@ import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jupyter_dist import connection_file
 from jupyter_dist.client.connection import Connection
 from jupyter_dist.client.futures import Future, MultiFuture
 from jupyter_dist.client.view import View
 from jupyter_dist.connection_file import ClusterInfo
-from jupyter_dist.errors import ConnectionFileError, DistTimeoutError, LauncherError
+from jupyter_dist.errors import ClusterError, ConnectionFileError, DistTimeoutError, LauncherError
 from jupyter_dist.launchers import local
 from jupyter_dist.protocol import MsgType
+
+if TYPE_CHECKING:
+    from jupyter_dist.widgets import ClusterMonitor
 
 START_TIMEOUT_S = 60.0
 LOG_TAIL_LINES = 20
@@ -223,6 +226,47 @@ class Cluster(View):
                 )
             time.sleep(0.05)
             self.status()
+
+    def restart(self, engine_ids: Sequence[int], timeout_s: float = START_TIMEOUT_S) -> None:
+        """Replace engines in place: each is killed (its work fails) and a fresh one takes its id.
+
+        Returns once the new engines are registered. Raises ``ClusterError``
+        for an engine this cluster's controller did not start.
+        """
+        ids = [int(i) for i in engine_ids]
+        reply = self.connection.request(MsgType.RESTART_REQUEST, {"engine_ids": ids})
+        refused = reply.content.get("refused", {})
+        if refused:
+            raise ClusterError("Cannot restart: " + "; ".join(refused.values()) + ".")
+        deadline = time.monotonic() + timeout_s
+        while True:
+            states = {e.engine_id: e for e in self.status()}
+            if all(i in states and states[i].state != "dead" for i in ids):
+                return
+            if time.monotonic() > deadline:
+                raise DistTimeoutError(
+                    f"Engines {ids} of cluster {self.id!r} did not come back within {timeout_s} s."
+                )
+            time.sleep(0.05)
+
+    def interrupt(self, engine_ids: Sequence[int] | None = None) -> None:
+        """Raise ``KeyboardInterrupt`` in the code running on these engines (default: all)."""
+        self.connection.interrupt(engine_ids=list(engine_ids) if engine_ids is not None else None)
+
+    def monitor(self) -> ClusterMonitor:
+        """A live ipywidgets monitor of this cluster: engines, GPUs, actors and tasks.
+
+        It follows the cluster's state stream from a thread of its own and
+        redraws at most twice a second, also while cells run; ``%dist monitor``
+        shows the same widget.
+
+        Examples
+        --------
+        >>> c.monitor()  # the last expression of a cell: the monitor shows below it
+        """
+        from jupyter_dist.widgets import ClusterMonitor  # ipywidgets only when a monitor is asked
+
+        return ClusterMonitor(self)
 
     # ---- results -----------------------------------------------------
 

@@ -17,6 +17,7 @@ from typing import Any
 import zmq
 
 from jupyter_dist.client.futures import Future, error_from_reply
+from jupyter_dist.client.output import OutputGroup, OutputRouter
 from jupyter_dist.connection_file import ClusterInfo
 from jupyter_dist.errors import ClusterError, DistTimeoutError, EngineDiedError, SerializationError
 from jupyter_dist.ioloop import IOLoop
@@ -25,47 +26,26 @@ from jupyter_dist.serialize import deserialize
 
 logger = logging.getLogger(__name__)
 
-# (engine id, stream name, text) -> shows a task's output; called on the I/O thread.
-OutputHandler = Callable[[int, str, str], None]
-
-
-class LineTagger:
-    """Write engine output line by line, each line tagged with its engine: ``[1] loss=0.3``."""
-
-    def __init__(self) -> None:
-        self._partial: dict[tuple[int, str], str] = {}
-
-    def __call__(self, engine_id: int, name: str, text: str) -> None:
-        key = (engine_id, name)
-        *lines, rest = (self._partial.pop(key, "") + text).split("\n")
-        if rest:
-            self._partial[key] = rest
-        if lines:
-            out = sys.stderr if name == "stderr" else sys.stdout
-            out.write("".join(f"[{engine_id}] {line}\n" for line in lines))
-
-    def flush(self, engine_id: int) -> None:
-        for name in ("stdout", "stderr"):
-            rest = self._partial.pop((engine_id, name), "")
-            if rest:
-                self(engine_id, name, rest + "\n")
-
 
 class Connection:
     """Sends requests to a controller and resolves futures from its replies."""
 
-    def __init__(self, info: ClusterInfo, output: OutputHandler | None = None) -> None:
+    def __init__(self, info: ClusterInfo) -> None:
         self.info = info
         self.session = Session(bytes.fromhex(info.key))
-        self.output = output or LineTagger()
         self._loop = IOLoop()
+        self.output = OutputRouter(self._loop.call_later)
         self._ctx: zmq.Context[Any] = zmq.Context()
         self._sock: zmq.Socket[Any] | None = None
         self.state: dict[str, Any] = {}  # the controller's latest published state
+        # Each is called with every newer state, on the thread that took it (mostly the I/O
+        # thread): it must be quick and must not block. Monitors hand the state on from here.
+        self.state_listeners: list[Callable[[dict[str, Any]], None]] = []
         self.engine_ids: list[int] = []  # live engines, as last published or asked
         self._tasks: dict[str, Future] = {}
         self._requests: dict[str, concurrent.futures.Future[Message]] = {}
         self._is_closed = False
+        self._execution_count = 0
         self._thread = threading.Thread(
             target=self._io_main, name="jupyter-dist-client-io", daemon=True
         )
@@ -95,14 +75,20 @@ class Connection:
             ) from None
 
     def submit(
-        self, content: dict[str, Any], signed: Sequence[Buffer] = (), raw: Sequence[Buffer] = ()
+        self,
+        content: dict[str, Any],
+        signed: Sequence[Buffer] = (),
+        raw: Sequence[Buffer] = (),
+        output: OutputGroup | None = None,
     ) -> Future:
-        """Send a task request; the returned future resolves with its result."""
+        """Send a task request; the future resolves with its result, its output goes to ``output``."""
         task_id = content["task_id"]
         future = Future(task_id, content.get("target"), on_cancel=lambda: self.cancel([task_id]))
+        group = output or self.output.new_group(None)
 
         def go() -> None:
             self._tasks[task_id] = future
+            self.output.add_task(task_id, group)
             self._send(
                 self.session.pack(
                     MsgType.TASK_REQUEST, content, signed_buffers=signed, raw_buffers=raw
@@ -115,13 +101,23 @@ class Connection:
     def fetch(self, task_id: str) -> Future:
         """A future for a task submitted by any client, resolved from the controller's store."""
         future = Future(task_id)
+        group = self.output.new_group(None)
 
         def go() -> None:
             self._tasks[task_id] = future
+            self.output.add_task(task_id, group)
             self._send(self.session.pack(MsgType.RESULT_REQUEST, {"task_ids": [task_id]}))
 
         self._call(go)
         return future
+
+    def next_execution_count(self) -> int:
+        """The number engines give a cell they run: the notebook's own, or a count of runs."""
+        shell = sys.modules["IPython"].get_ipython() if "IPython" in sys.modules else None
+        self._execution_count = (
+            shell.execution_count if shell is not None else self._execution_count + 1
+        )
+        return self._execution_count
 
     def cancel(self, task_ids: list[str]) -> None:
         self._call(
@@ -191,10 +187,19 @@ class Connection:
             self._handle(unpacked[1])
 
     def _handle(self, msg: Message) -> None:
+        content = msg.content
         if msg.msg_type == MsgType.STREAM:
-            content = msg.content
-            if content.get("task_id") in self._tasks:
-                self.output(content["engine_id"], content["name"], content["text"])
+            self.output.on_stream(
+                content["task_id"], content["engine_id"], content["name"], content["text"]
+            )
+        elif msg.msg_type in (MsgType.DISPLAY_DATA, MsgType.EXECUTE_RESULT):
+            self.output.on_display(
+                content["task_id"],
+                content["engine_id"],
+                msg.msg_type,
+                content["data"],
+                content["metadata"],
+            )
         elif msg.msg_type in (MsgType.TASK_REPLY, MsgType.RESULT_REPLY):
             self._resolve_task(msg)
         elif msg.msg_type == MsgType.STATE:
@@ -206,8 +211,15 @@ class Connection:
 
     def update_state(self, state: dict[str, Any]) -> None:
         """Take a state published by, or asked of, the controller (any thread: one assignment each)."""
+        if state.get("seq", 0) < self.state.get("seq", 0):
+            return  # older than the one held: a status reply that crossed a publication
         self.state = state
         self.engine_ids = [e["engine_id"] for e in state["engines"] if e["state"] != "dead"]
+        for listener in list(self.state_listeners):
+            try:
+                listener(state)
+            except Exception:
+                logger.exception("a state listener failed")
 
     def _resolve_task(self, msg: Message) -> None:
         content = msg.content
@@ -219,10 +231,9 @@ class Connection:
         if future is None or future.done():
             return
         engine_id = content.get("engine_id")
+        self.output.on_task_done(task_id, engine_id)
         if engine_id is not None:
             future.engine = engine_id
-            if isinstance(self.output, LineTagger):
-                self.output.flush(engine_id)
         if status == "ok":
             signed = msg.signed_buffers
             try:

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from jupyter_dist.client import sequences
 from jupyter_dist.client.futures import Future, MultiFuture
+from jupyter_dist.client.output import OutputGroup
 from jupyter_dist.errors import NoEnginesError, SerializationError
 from jupyter_dist.protocol import new_id
 from jupyter_dist.serialize import serialize
@@ -71,23 +72,36 @@ class View:
     # ---- sending ----------------------------------------------------
 
     def _send(
-        self, engine_id: int | None, kind: str, payload: Any = None, what: str = "", **fields: Any
+        self,
+        engine_id: int | None,
+        kind: str,
+        payload: Any = None,
+        what: str = "",
+        output: OutputGroup | None = None,
+        **fields: Any,
     ) -> Future:
         pickled, raw = serialize(payload, what) if payload is not None else (b"", [])
-        return self._send_serialized(engine_id, kind, pickled, raw, **fields)
+        return self._send_serialized(engine_id, kind, pickled, raw, output, **fields)
 
     def _send_serialized(
-        self, engine_id: int | None, kind: str, pickled: bytes, raw: list[memoryview], **fields: Any
+        self,
+        engine_id: int | None,
+        kind: str,
+        pickled: bytes,
+        raw: list[memoryview],
+        output: OutputGroup | None,
+        **fields: Any,
     ) -> Future:
         content = {"task_id": new_id(), "kind": kind, "target": engine_id, **fields}
-        return self._cluster.connection.submit(content, [pickled] if pickled else [], raw)
+        return self._cluster.connection.submit(content, [pickled] if pickled else [], raw, output)
 
     def _broadcast(
         self, kind: str, payload: Any, what: str, combine: Callable[[list[Any]], Any], **fields: Any
     ) -> Future:
         ids = self._require_engines()
         pickled, raw = serialize(payload, what) if payload is not None else (b"", [])
-        children = [self._send_serialized(i, kind, pickled, raw, **fields) for i in ids]
+        group = self._cluster.connection.output.new_group(ids)
+        children = [self._send_serialized(i, kind, pickled, raw, group, **fields) for i in ids]
         return MultiFuture(new_id(), children, combine)
 
     def _collapse(self, values: list[Any]) -> Any:
@@ -98,17 +112,24 @@ class View:
 
     # ---- the API ----------------------------------------------------
 
-    def run(self, code: str, block: bool = True) -> Any:
+    def run(self, code: str, block: bool = True, display: bool = False) -> Any:
         """Run ``code`` (a cell: magics and ``!cmd`` work) on every engine of the view.
 
-        Returns the value of the cell's last expression on each engine.
+        Returns the value of the cell's last expression on each engine; with
+        ``display=True`` that value is shown instead (``Out[engine:n]``, as
+        ``%%distributed`` does) and None is returned.
 
         Examples
         --------
         >>> c.run("import os; os.getpid()")
         [4711, 4712]
         """
-        return self._finish(self._broadcast("execute", None, "", self._collapse, code=code), block)
+        fields: dict[str, Any] = {
+            "code": code,
+            "display_result": display,
+            "execution_count": self._cluster.connection.next_execution_count(),
+        }
+        return self._finish(self._broadcast("execute", None, "", self._collapse, **fields), block)
 
     def apply(self, fn: Callable[..., Any], *args: Any, block: bool = True, **kwargs: Any) -> Any:
         """Call ``fn(*args, **kwargs)`` on every engine of the view; return each result.
@@ -192,8 +213,9 @@ class View:
         fields: dict[str, Any] = {"sources": _sources_of(fn)}
         if self._targets is not None:
             fields["allowed"] = self.engine_ids
+        group = self._cluster.connection.output.new_group(None)
         futures = [
-            self._send(None, "apply", (fn, args, {}), f"the arguments of {name}", **fields)
+            self._send(None, "apply", (fn, args, {}), f"the arguments of {name}", group, **fields)
             for args in zip(*iterables, strict=False)
         ]
         if not block:

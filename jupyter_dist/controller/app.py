@@ -331,6 +331,28 @@ class Controller:
             interrupted.append(engine.engine_id)
         self._reply(ident, MsgType.INTERRUPT_REPLY, {"engine_ids": interrupted}, msg)
 
+    def _on_restart(self, ident: bytes, msg: Message) -> None:
+        """Replace engines in place: kill each (its work fails), start a new one with its id."""
+        restarting: list[int] = []
+        refused: dict[str, str] = {}
+        for engine_id in msg.content["engine_ids"]:
+            engine = self.registry.by_id(engine_id)
+            if engine is None:
+                refused[str(engine_id)] = f"there is no engine {engine_id}"
+            elif engine.process is None or self.start_engine is None:
+                refused[str(engine_id)] = (
+                    f"engine {engine_id} was not started by this controller, so it cannot start it again"
+                )
+            else:
+                if not engine.is_dead:
+                    engine.process.kill()
+                    self._on_engine_death(engine, engine.process.wait())
+                self._launch_engine(engine_id)
+                restarting.append(engine_id)
+        self._reply(
+            ident, MsgType.RESTART_REPLY, {"restarting": restarting, "refused": refused}, msg
+        )
+
     def _on_shutdown(self, ident: bytes, msg: Message) -> None:
         self._reply(ident, MsgType.SHUTDOWN_REPLY, {"status": "ok"}, msg)
         self.shutdown()
@@ -343,6 +365,7 @@ class Controller:
         MsgType.HISTORY_REQUEST: _on_history,
         MsgType.CANCEL_REQUEST: _on_cancel,
         MsgType.INTERRUPT_REQUEST: _on_interrupt,
+        MsgType.RESTART_REQUEST: _on_restart,
         MsgType.SHUTDOWN_REQUEST: _on_shutdown,
     }
 
@@ -417,8 +440,8 @@ class Controller:
         engine.last_seen = time.monotonic()
         if msg.msg_type == MsgType.TASK_REPLY:
             self._on_task_reply(engine, msg)
-        elif msg.msg_type == MsgType.STREAM:
-            self._forward_stream(msg)
+        elif msg.msg_type in (MsgType.STREAM, MsgType.DISPLAY_DATA, MsgType.EXECUTE_RESULT):
+            self._forward_output(msg)
         elif msg.msg_type == MsgType.STEAL_REPLY:
             self._on_steal_reply(engine, msg)
         elif msg.msg_type == MsgType.HEARTBEAT_REQUEST:
@@ -464,7 +487,7 @@ class Controller:
         self.is_state_dirty = True
         self._dispatch_balanced()
 
-    def _forward_stream(self, msg: Message) -> None:
+    def _forward_output(self, msg: Message) -> None:
         record = self.tasks.get(msg.content.get("task_id", ""))
         if record is not None:
             self._send_to(self.clients, record.client_ident, msg.frames)

@@ -81,6 +81,7 @@ class Engine:
         self.tasks = _TaskQueue()
         self.registered = threading.Event()
         self.current_task_id = ""
+        self.streams: list[OutStream] = []
         self.is_running_user_code = False
         self.parent_pid = os.getppid()
         self.last_controller_contact = time.monotonic()
@@ -181,6 +182,18 @@ class Engine:
             self.loop.call_later(0.5, lambda: os._exit(0))
         self.loop.stop()
 
+    def _send_display(self, msg_type: str, data: dict[str, Any], metadata: dict[str, Any]) -> None:
+        """Send a rich output of the running task (main thread), after the text printed before it."""
+        for stream in self.streams:
+            stream.flush()
+        content = {
+            "task_id": self.current_task_id,
+            "engine_id": self.engine_id,
+            "data": data,
+            "metadata": metadata,
+        }
+        self.loop.call_soon_threadsafe(lambda: self._send(MsgType(msg_type), content))
+
     def _send_stream(self, name: str, task_id: str, text: str) -> None:
         self._send(
             MsgType.STREAM,
@@ -196,6 +209,8 @@ class Engine:
     def run(self) -> None:
         """Run the engine until shutdown; blocks the calling (main) thread."""
         signal.signal(signal.SIGINT, self._on_sigint)
+        # Figures made on an engine come back as rich outputs, as in a notebook.
+        os.environ.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
         io_thread = threading.Thread(target=self._io_main, name="jupyter-dist-io", daemon=True)
         io_thread.start()
         if not self.registered.wait(REGISTER_TIMEOUT_S):
@@ -206,14 +221,14 @@ class Engine:
             self.loop.stop()
             io_thread.join(5)
             return
-        executor = Executor(self.engine_id)
-        streams = [
+        self.streams = [
             OutStream(name, self._send_stream, self.loop.call_soon_threadsafe, self.loop.call_later)
             for name in ("stdout", "stderr")
         ]
-        sys.stdout, sys.stderr = streams
+        sys.stdout, sys.stderr = self.streams
+        executor = Executor(self.engine_id, self._send_display)
         while (msg := self.tasks.get()) is not None:
-            self._run_task(executor, msg, streams)
+            self._run_task(executor, msg, self.streams)
         io_thread.join(5)
 
     def _run_task(self, executor: Executor, msg: Message, streams: list[OutStream]) -> None:

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import linecache
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from IPython.core.displayhook import DisplayHook
+from IPython.core.displaypub import DisplayPublisher
+from IPython.core.formatters import DisplayFormatter
 from IPython.core.interactiveshell import InteractiveShell
 from traitlets.config import Config
 
@@ -40,6 +43,32 @@ class _ValueHook(DisplayHook):
             self.fill_exec_result(result)  # type: ignore[no-untyped-call]
 
 
+# (message type, MIME bundle, metadata) -> sends a rich output of the running task.
+DisplaySender = Callable[[str, dict[str, Any], dict[str, Any]], None]
+
+_WIRE_SAFE = (str, int, float, bool, list, dict, type(None))
+
+
+class _DisplayCapture(DisplayPublisher):
+    """Send what user code displays (figures, HTML, ``display(...)``) to the client."""
+
+    send: DisplaySender | None = None
+
+    def publish(
+        self,
+        data: dict[str, Any],
+        metadata: dict[str, Any] | None = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> None:
+        if self.send is not None:
+            bundle = {mime: value for mime, value in data.items() if isinstance(value, _WIRE_SAFE)}
+            self.send("display_data", bundle, metadata or {})
+
+    def clear_output(self, wait: bool = False) -> None:
+        """Clearing a notebook output from an engine is not supported; ignored."""
+
+
 class _EngineShell(InteractiveShell):
     """An InteractiveShell that hands tracebacks to the executor instead of printing them."""
 
@@ -56,12 +85,16 @@ class _EngineShell(InteractiveShell):
 class Executor:
     """Owns the engine's namespace; runs tasks on the main thread."""
 
-    def __init__(self, engine_id: int) -> None:
+    def __init__(self, engine_id: int, send_display: DisplaySender) -> None:
         self.engine_id = engine_id
         config = Config()
         config.HistoryManager.enabled = False
         config.InteractiveShell.colors = "nocolor"
-        self.shell = _EngineShell.instance(config=config, displayhook_class=_ValueHook)
+        self.shell = _EngineShell.instance(
+            config=config, displayhook_class=_ValueHook, display_pub_class=_DisplayCapture
+        )
+        cast(_DisplayCapture, self.shell.display_pub).send = send_display
+        self.send_display = send_display
         self.shell.last_error = None
 
     @property
@@ -86,7 +119,9 @@ class Executor:
                 error={"ename": "SerializationError", "evalue": str(e), "traceback": str(e)}
             )
         if kind == "execute":
-            return self._execute(content["code"])
+            return self._execute(
+                content["code"], content.get("execution_count"), bool(content.get("display_result"))
+            )
         if kind == "apply":
             return self._apply(payload, content.get("sources", {}))
         if kind == "push":
@@ -98,11 +133,23 @@ class Executor:
             error={"ename": "ValueError", "evalue": f"unknown task kind {kind!r}", "traceback": ""}
         )
 
-    def _execute(self, code: str) -> Outcome:
-        result = self.shell.run_cell(code, store_history=False, silent=False)  # type: ignore[no-untyped-call]
+    def _execute(self, code: str, execution_count: int | None, display_result: bool) -> Outcome:
+        """Run a cell as cell number ``execution_count`` (the same on every engine of a broadcast).
+
+        With ``display_result`` its value is shown (as ``Out[engine:n]``), not returned.
+        """
+        if execution_count is not None:
+            self.shell.execution_count = execution_count
+        result = self.shell.run_cell(code, store_history=True)  # type: ignore[no-untyped-call]
         if not result.success:
             return Outcome(error=self._take_error(result.error_before_exec or result.error_in_exec))
-        return Outcome(value=result.result)
+        if not display_result or result.result is None:
+            return Outcome(value=result.result)
+        formatter = cast(DisplayFormatter, self.shell.display_formatter)
+        data, metadata = formatter.format(result.result)  # type: ignore[no-untyped-call]
+        metadata = {**metadata, "execution_count": result.execution_count}
+        self.send_display("execute_result", data, metadata)
+        return Outcome()
 
     def _apply(
         self, payload: tuple[Any, tuple[Any, ...], dict[str, Any]], sources: dict[str, str]

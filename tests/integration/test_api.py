@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import jupyter_dist as jd
+from tests.waiting import poll_for
 
 
 def test_run_returns_the_last_expression_per_engine(cluster: jd.Cluster) -> None:
@@ -261,23 +262,31 @@ def test_result_timeout_raises_dist_timeout_error(cluster: jd.Cluster) -> None:
 
 
 def test_output_streams_while_the_code_runs(
-    cluster: jd.Cluster, capfd: pytest.CaptureFixture[str]
+    cluster: jd.Cluster, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    lines: list[tuple[int, str, str]] = []
-    original = cluster.connection.output
-    cluster.connection.output = lambda engine_id, name, text: lines.append((engine_id, name, text))
-    try:
-        future = cluster[0].run(
-            "import sys, time\nprint('first', flush=True)\ntime.sleep(1.0)\nprint('oops', file=sys.stderr)\n",
-            block=False,
-        )
-        from tests.waiting import poll_for
+    future = cluster[0].run(
+        "import sys, time\nprint('first', flush=True)\ntime.sleep(1.0)\nprint('oops', file=sys.stderr)\n",
+        block=False,
+    )
+    seen = ""
 
-        poll_for(lambda: lines, 5, "the first line")
-        assert not future.done(), "output arrived only at the end"
-        future.result(timeout=10)
-        poll_for(lambda: any(name == "stderr" for _, name, _ in lines), 5, "stderr output")
-    finally:
-        cluster.connection.output = original
-    assert (0, "stdout", "first\n") in lines
-    assert (0, "stderr", "oops\n") in lines
+    def first_line_arrived() -> bool:
+        nonlocal seen
+        seen += capsys.readouterr().out
+        return "[0] first" in seen
+
+    poll_for(first_line_arrived, 5, "the first line")
+    assert not future.done(), "output arrived only at the end"
+    future.result(timeout=10)
+    assert "[0] oops\n" in capsys.readouterr().err
+
+
+def test_lines_all_engines_print_alike_are_shown_once(
+    cluster: jd.Cluster, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cluster.run("print('same everywhere')\nimport os\nprint('pid', os.getpid())")
+    out = capsys.readouterr().out
+    assert out.count("same everywhere") == 1
+    assert "[0,1] same everywhere" in out
+    for engine in cluster.status():
+        assert f"[{engine.engine_id}] pid {engine.pid}" in out
