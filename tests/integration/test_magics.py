@@ -246,3 +246,28 @@ def test_kernel_restart_reattaches_and_fetches_results(runtime_dir: Path) -> Non
     finally:
         session.run("%dist stop")
         session.close()
+
+
+def test_long_broadcast_shows_a_progress_bar(kernel: KernelSession) -> None:
+    run = kernel.run("%%distributed\nimport time\ntime.sleep(1.6)")
+    widgets = [
+        o
+        for o in run.of_type("display_data")
+        if "application/vnd.jupyter.widget-view+json" in o["content"]["data"]
+    ]
+    assert widgets, "no progress bar for a broadcast longer than a second"
+    quick = kernel.run("%%distributed\nNone")
+    assert not quick.of_type("display_data")
+
+
+def test_interrupt_kill_restarts_an_engine_stuck_ignoring_interrupts(kernel: KernelSession) -> None:
+    kernel.run(
+        "%%distributed --targets 0 --noblock\n"
+        "import signal, time\n"
+        "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})\n"
+        "time.sleep(60)"
+    )
+    kernel.run("%dist interrupt 0")
+    assert "Killed and restarted engines 0." in kernel.run("%dist interrupt --kill 0").text()
+    after = kernel.run("%%distributed --targets 0\n'fresh'")
+    assert after.of_type("display_data")[0]["content"]["data"]["text/plain"].endswith("'fresh'")
