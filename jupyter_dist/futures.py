@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import threading
+import weakref
 from collections.abc import Callable, Generator, Sequence
 from typing import Any
 
@@ -78,19 +80,27 @@ class MultiFuture(Future):
     def __init__(
         self, task_id: str, children: Sequence[Future], combine: Callable[[list[Any]], Any]
     ) -> None:
-        super().__init__(task_id, on_cancel=self._cancel_children)
+        super().__init__(task_id)  # no on_cancel=self._cancel_children: a cycle (see below)
         self.children = list(children)
         self._combine = combine
         self._remaining = len(self.children)
         self._lock = threading.Lock()
         if not self.children:
             self.set_result(combine([]))
+        # A weak link back, so a finished MultiFuture and its children are freed by
+        # reference counting, not by a later garbage collection: their results can be
+        # large arrays, and shared memory returns to its pool only when they are freed.
+        ref = weakref.ref(self)
         for child in self.children:
-            child.add_done_callback(self._child_done)
+            child.add_done_callback(functools.partial(_notify_parent, ref))
 
-    def _cancel_children(self) -> None:
+    def cancel(self) -> bool:
+        """Cancel the children that have not started."""
+        if not super().cancel():
+            return False
         for child in self.children:
             child.cancel()
+        return True
 
     def _child_done(self, _: concurrent.futures.Future[Any]) -> None:
         with self._lock:
@@ -110,6 +120,12 @@ class MultiFuture(Future):
             self.set_result(self._combine([c.result() for c in self.children]))
         except JupyterDistError as e:
             self.set_exception(e)
+
+
+def _notify_parent(ref: weakref.ref[MultiFuture], child: concurrent.futures.Future[Any]) -> None:
+    parent = ref()
+    if parent is not None:
+        parent._child_done(child)
 
 
 def combine_errors(errors: Sequence[BaseException]) -> BaseException:

@@ -16,6 +16,7 @@ from typing import Any
 
 import zmq
 
+from jupyter_dist import shm
 from jupyter_dist.client.futures import Future, error_from_reply
 from jupyter_dist.client.output import OutputGroup, OutputRouter
 from jupyter_dist.connection_file import ClusterInfo
@@ -46,6 +47,8 @@ class Connection:
         self._requests: dict[str, concurrent.futures.Future[Message]] = {}
         self._is_closed = False
         self._execution_count = 0
+        self.host = shm.host_name()
+        self.shm_pool = shm.pool_for(info.cluster_id)
         self._thread = threading.Thread(
             target=self._io_main, name="jupyter-dist-client-io", daemon=True
         )
@@ -83,6 +86,7 @@ class Connection:
     ) -> Future:
         """Send a task request; the future resolves with its result, its output goes to ``output``."""
         task_id = content["task_id"]
+        content["client_host"] = self.host  # engines on this host reply through shared memory
         future = Future(task_id, content.get("target"), on_cancel=lambda: self.cancel([task_id]))
         group = output or self.output.new_group(None)
 
@@ -97,6 +101,23 @@ class Connection:
 
         self._call(go)
         return future
+
+    def export_buffers(
+        self, raw: list[memoryview], engine_ids: list[int] | None, shared: bool
+    ) -> tuple[list[memoryview], list[list[Any]]]:
+        """Put large buffers for ``engine_ids`` (None: any live engine) into shared memory if all are on this host.
+
+        Runs on the calling thread, so the copy never holds up the I/O thread.
+        """
+        if self.shm_pool is None or not any(b.nbytes >= shm.SHM_MIN_NBYTES for b in raw):
+            return raw, []
+        engines = self.state.get("engines", [])
+        wanted = [e for e in engines if e["state"] != "dead"]
+        if engine_ids is not None:
+            wanted = [e for e in engines if e["engine_id"] in engine_ids]
+        if not wanted or any(e.get("host") != self.host for e in wanted):
+            return raw, []
+        return shm.export_buffers(self.shm_pool, raw, shared)
 
     def fetch(self, task_id: str) -> Future:
         """A future for a task submitted by any client, resolved from the controller's store."""
@@ -237,10 +258,9 @@ class Connection:
         if status == "ok":
             signed = msg.signed_buffers
             try:
+                raw = shm.import_buffers(self.shm_pool, msg.raw_buffers, content.get("shm", []))
                 value = (
-                    deserialize(signed[0], msg.raw_buffers, f"the result of task {task_id}")
-                    if signed
-                    else None
+                    deserialize(signed[0], raw, f"the result of task {task_id}") if signed else None
                 )
             except SerializationError as e:
                 future.set_exception(e)

@@ -81,6 +81,10 @@ class View:
         **fields: Any,
     ) -> Future:
         pickled, raw = serialize(payload, what) if payload is not None else (b"", [])
+        targets = [engine_id] if engine_id is not None else fields.get("allowed")
+        raw, descriptors = self._cluster.connection.export_buffers(raw, targets, shared=False)
+        if descriptors:
+            fields["shm"] = descriptors
         return self._send_serialized(engine_id, kind, pickled, raw, output, **fields)
 
     def _send_serialized(
@@ -100,9 +104,19 @@ class View:
     ) -> Future:
         ids = self._require_engines()
         pickled, raw = serialize(payload, what) if payload is not None else (b"", [])
-        group = self._cluster.connection.output.new_group(ids)
+        connection = self._cluster.connection
+        # Several engines map one copy; it is removed once all of them have replied.
+        is_shared = len(ids) > 1
+        raw, descriptors = connection.export_buffers(raw, ids, shared=is_shared)
+        if descriptors:
+            fields["shm"] = descriptors
+        group = connection.output.new_group(ids)
         children = [self._send_serialized(i, kind, pickled, raw, group, **fields) for i in ids]
-        return MultiFuture(new_id(), children, combine)
+        future = MultiFuture(new_id(), children, combine)
+        if descriptors and is_shared and connection.shm_pool is not None:
+            pool, segments = connection.shm_pool, [d[1:] for d in descriptors]
+            future.add_done_callback(lambda _: pool.unlink(segments))
+        return future
 
     def _collapse(self, values: list[Any]) -> Any:
         return values[0] if self._is_single else values

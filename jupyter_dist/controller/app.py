@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 import zmq
 
-from jupyter_dist import connection_file
+from jupyter_dist import connection_file, shm
 from jupyter_dist.connection_file import ClusterInfo
 from jupyter_dist.controller.registry import EngineRecord, EngineRegistry
 from jupyter_dist.controller.scheduler import BalancedQueue
@@ -146,6 +146,9 @@ class Controller:
     def _close(self) -> None:
         if self.connection_path:
             os.unlink(self.connection_path) if os.path.exists(self.connection_path) else None
+        pool = shm.pool_for(self.cluster_id)
+        if pool is not None:
+            pool.remove_all()  # segments nobody received, or that receivers still held
         for sock in (self.clients, self.engines, self.pub):
             sock.close(linger=0)
         self.loop.close()

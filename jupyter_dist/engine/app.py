@@ -23,7 +23,7 @@ from typing import Any
 
 import zmq
 
-from jupyter_dist import serialize
+from jupyter_dist import serialize, shm
 from jupyter_dist.connection_file import ClusterInfo
 from jupyter_dist.engine.executor import Executor, Outcome
 from jupyter_dist.engine.metrics import MetricsSampler
@@ -75,6 +75,8 @@ class Engine:
         self.requested_id = requested_id
         self.engine_id = -1
         self.session = Session(bytes.fromhex(info.key))
+        self.host = shm.host_name()
+        self.shm_pool = shm.pool_for(info.cluster_id)
         self.loop = IOLoop()
         self.ctx = zmq.Context()
         self.sock: zmq.Socket[Any] | None = None
@@ -241,7 +243,12 @@ class Engine:
         signed = msg.signed_buffers
         self.is_running_user_code = True
         try:
-            outcome = executor.run(content, signed[0] if signed else None, msg.raw_buffers)
+            raw_in = shm.import_buffers(self.shm_pool, msg.raw_buffers, content.get("shm", []))
+            outcome = executor.run(content, signed[0] if signed else None, raw_in)
+        except SerializationError as e:
+            outcome = Outcome(
+                error={"ename": "SerializationError", "evalue": str(e), "traceback": str(e)}
+            )
         except KeyboardInterrupt:
             outcome = Outcome(
                 error={"ename": "KeyboardInterrupt", "evalue": "", "traceback": "KeyboardInterrupt"}
@@ -262,6 +269,8 @@ class Engine:
         if outcome.error is None:
             try:
                 pickled, raw = serialize.serialize(outcome.value, f"the result of task {task_id}")
+                if content.get("client_host") == self.host:  # the client maps it, no socket
+                    raw, reply["shm"] = shm.export_buffers(self.shm_pool, raw)
             except SerializationError as e:
                 outcome.error = {
                     "ename": "SerializationError",

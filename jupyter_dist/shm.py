@@ -1,0 +1,274 @@
+"""Carry large buffers between processes of one host through shared memory instead of the socket.
+
+The sender copies a buffer once into a segment (a file in ``/dev/shm``)
+and sends its name in the signed message; the receiver maps the segment
+and the value is rebuilt over the mapping (one copy in, none out).
+
+Fresh shared-memory pages cost more than the copy itself (the kernel
+allocates and zeroes each one), so segments are reused: a segment handed
+to one receiver becomes its own; when the last object over its mapping
+is gone, the receiver renames the file into the cluster's free pool,
+where the next sender on this host takes it (``os.rename`` is atomic, so
+two senders never take the same one). Names on the wire are fresh for
+every send, and a receiver renames a segment away as it maps it, so a
+stale name (a result fetched twice) fails to open instead of showing
+other data. A segment sent to several engines at once (a broadcast) is
+``shared``: receivers only map it and the sender unlinks it once they all
+replied. The controller removes what is left of a cluster's segments
+when it stops.
+
+Layout of names, all under ``SHM_DIR``::
+
+    jd-<cluster>-<uuid>                 in flight, named in a message
+    jd-<cluster>-<uuid>.held            mapped by its receiver
+    jd-<cluster>-free-<size>-<uuid>     in the pool, ``size`` bytes long
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import mmap
+import os
+import re
+import socket
+import sys
+import threading
+import uuid
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+from jupyter_dist.errors import SerializationError
+
+logger = logging.getLogger(__name__)
+
+SHM_DIR = "/dev/shm"
+# Below this a buffer travels as a frame: the file and mapping cost more than the copy.
+SHM_MIN_NBYTES = 1 << 20
+# Free segments kept for reuse per cluster and host; beyond this released ones are removed.
+POOL_MAX_NBYTES = 1 << 30
+# Copies above this run on two threads (the copy releases the GIL); one core does not saturate memory.
+PARALLEL_COPY_MIN_NBYTES = 8 << 20
+
+_CLUSTER_ID = re.compile(r"[0-9a-zA-Z]{1,32}")
+_NAME = re.compile(r"jd-[0-9a-zA-Z]{1,32}-[0-9a-f]{32}")
+
+
+def host_name() -> str:
+    """This host's name, as engines report it: senders compare it to pick shared memory."""
+    return socket.gethostname()
+
+
+def pool_for(cluster_id: str) -> SegmentPool | None:
+    """The cluster's segments on this host, or None where there is no usable shared memory."""
+    if not (sys.platform == "linux" and os.path.isdir(SHM_DIR) and os.access(SHM_DIR, os.W_OK)):
+        return None
+    if not _CLUSTER_ID.fullmatch(cluster_id):
+        return None  # a name we would not put in a path: such a cluster uses frames only
+    return SegmentPool(cluster_id)
+
+
+def _prefix(cluster_id: str) -> str:
+    return f"jd-{cluster_id}-"
+
+
+def _copy(dst: memoryview, src: memoryview) -> None:
+    """memcpy ``src`` into ``dst``; large copies on two threads when numpy is loaded."""
+    numpy = sys.modules.get("numpy")
+    nbytes = src.nbytes
+    if numpy is None or nbytes < PARALLEL_COPY_MIN_NBYTES:
+        dst[:nbytes] = src
+        return
+    a = numpy.frombuffer(dst, dtype=numpy.uint8, count=nbytes)
+    b = numpy.frombuffer(src, dtype=numpy.uint8)
+    half = (nbytes // 2) & ~4095
+    helper = threading.Thread(target=numpy.copyto, args=(a[:half], b[:half]), daemon=True)
+    helper.start()
+    numpy.copyto(a[half:], b[half:])
+    helper.join()
+
+
+class SegmentPool:
+    """Segments of one cluster on this host: export buffers into them, map received ones."""
+
+    def __init__(self, cluster_id: str, directory: str = SHM_DIR) -> None:
+        if not _CLUSTER_ID.fullmatch(cluster_id):
+            raise ValueError(f"cluster id {cluster_id!r} cannot name shared memory")
+        self.cluster_id = cluster_id
+        self.directory = directory
+        self._prefix = _prefix(cluster_id)
+        self._free_prefix = f"{self._prefix}free-"
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.directory, name)
+
+    # ---- sending --------------------------------------------------------
+
+    def export(self, buf: memoryview, shared: bool = False) -> list[Any]:
+        """Copy ``buf`` into a segment; return its descriptor ``[name, nbytes, shared]`` for the message."""
+        src = buf.cast("B") if buf.format != "B" or buf.ndim != 1 else buf
+        nbytes = src.nbytes
+        name = f"{self._prefix}{uuid.uuid4().hex}"
+        path = self._path(name)
+        if not self._take_free(nbytes, path):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            try:
+                os.ftruncate(fd, nbytes)
+            finally:
+                os.close(fd)
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+        try:
+            # MAP_POPULATE maps every page in one call instead of one fault each.
+            mm = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
+        finally:
+            os.close(fd)
+        with mm, memoryview(mm) as dst:
+            _copy(dst, src)
+        return [name, nbytes, shared]
+
+    def _take_free(self, nbytes: int, path: str) -> bool:
+        """Rename the smallest free segment that fits (at most twice as big) to ``path``."""
+        candidates = []
+        for entry in os.listdir(self.directory):
+            if entry.startswith(self._free_prefix):
+                size = _free_size(entry, self._free_prefix)
+                if size is not None and nbytes <= size <= 2 * nbytes:
+                    candidates.append((size, entry))
+        for _, entry in sorted(candidates):
+            try:
+                os.rename(self._path(entry), path)
+            except FileNotFoundError:
+                continue  # another sender took it first
+            return True
+        return False
+
+    def unlink(self, descriptors: Sequence[Sequence[Any]]) -> None:
+        """Remove shared segments once every receiver has mapped them (mappings stay valid)."""
+        for name, _, _ in descriptors:
+            if _NAME.fullmatch(name):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._path(name))
+
+    # ---- receiving ------------------------------------------------------
+
+    def open(self, descriptor: Sequence[Any]) -> memoryview:
+        """Map a received segment; an unshared one returns to the pool when its memory is unused.
+
+        Raises ``FileNotFoundError`` when it is gone (already received once,
+        or its cluster stopped) and ``ValueError`` for a malformed descriptor.
+        """
+        name, nbytes, shared = descriptor
+        if not (
+            isinstance(name, str)
+            and name.startswith(self._prefix)
+            and _NAME.fullmatch(name)
+            and isinstance(nbytes, int)
+            and nbytes > 0
+        ):
+            raise ValueError(f"not a shared-memory segment of cluster {self.cluster_id}: {name!r}")
+        path = self._path(name)
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+        try:
+            if os.fstat(fd).st_size < nbytes:
+                raise ValueError(f"segment {name} is smaller than the {nbytes} bytes announced")
+            # Populated now: the value is read soon, and one call beats a fault per page.
+            mm = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
+        finally:
+            os.close(fd)
+        if not shared:
+            held = f"{path}.held"
+            os.rename(path, held)
+            weakref.finalize(mm, self._release, held, name)
+        return memoryview(mm)
+
+    def _release(self, held: str, name: str) -> None:
+        """Put a segment nobody maps any more into the pool, or remove it if the pool is full."""
+        try:
+            size = os.stat(held).st_size
+            if self._free_nbytes() + size > POOL_MAX_NBYTES:
+                os.unlink(held)
+            else:
+                os.rename(held, self._path(f"{self._free_prefix}{size}-{uuid.uuid4().hex}"))
+        except FileNotFoundError:
+            pass  # the cluster stopped and removed it
+        except OSError as e:
+            logger.warning("could not release shared memory %s: %s", name, e)
+
+    def _free_nbytes(self) -> int:
+        total = 0
+        for entry in os.listdir(self.directory):
+            if entry.startswith(self._free_prefix):
+                total += _free_size(entry, self._free_prefix) or 0
+        return total
+
+    def remove_all(self) -> None:
+        """Remove every segment of this cluster on this host (the controller, when it stops)."""
+        for entry in os.listdir(self.directory):
+            if entry.startswith(self._prefix):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._path(entry))
+
+
+def _free_size(entry: str, free_prefix: str) -> int | None:
+    size, _, _ = entry[len(free_prefix) :].partition("-")
+    return int(size) if size.isdigit() else None
+
+
+def export_buffers(
+    pool: SegmentPool | None, raw: Sequence[memoryview], shared: bool = False
+) -> tuple[list[memoryview], list[list[Any]]]:
+    """Move the large buffers of a message into segments.
+
+    Returns the buffers that still travel as frames and the descriptors
+    ``[index, name, nbytes, shared]`` of the others (``index``: the place
+    of the buffer among all of the message's out-of-band buffers).
+    """
+    if pool is None:
+        return list(raw), []
+    frames: list[memoryview] = []
+    descriptors: list[list[Any]] = []
+    for index, buf in enumerate(raw):
+        if buf.nbytes >= SHM_MIN_NBYTES:
+            descriptors.append([index, *pool.export(buf, shared)])
+        else:
+            frames.append(buf)
+    return frames, descriptors
+
+
+def import_buffers(
+    pool: SegmentPool | None, frames: Sequence[memoryview], descriptors: Sequence[Any]
+) -> list[memoryview]:
+    """Rebuild the out-of-band buffers of a message from its frames and mapped segments.
+
+    Raises ``SerializationError`` when the descriptors do not fit the
+    message or a segment cannot be opened (a result in shared memory is
+    received once; a stopped cluster's segments are gone).
+    """
+    if not descriptors:
+        return list(frames)
+    try:
+        return _import_buffers(pool, frames, descriptors)
+    except (OSError, ValueError) as e:
+        raise SerializationError(
+            f"Cannot map the shared memory of a message ({e}). Shared memory holds a value "
+            "until it is received once; fetch results once, while the cluster runs."
+        ) from e
+
+
+def _import_buffers(
+    pool: SegmentPool | None, frames: Sequence[memoryview], descriptors: Sequence[Any]
+) -> list[memoryview]:
+    if pool is None:
+        raise ValueError("the message names shared memory, but this host has none")
+    total = len(frames) + len(descriptors)
+    out: list[memoryview | None] = [None] * total
+    for descriptor in descriptors:
+        if not (isinstance(descriptor, list | tuple) and len(descriptor) == 4):
+            raise ValueError(f"malformed shared-memory descriptor {descriptor!r}")
+        index = descriptor[0]
+        if not isinstance(index, int) or not 0 <= index < total or out[index] is not None:
+            raise ValueError(f"shared-memory buffer index {index!r} does not fit the message")
+        out[index] = pool.open(descriptor[1:])
+    rest = iter(frames)
+    return [buf if buf is not None else next(rest) for buf in out]

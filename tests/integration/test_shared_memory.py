@@ -1,0 +1,44 @@
+"""Large arrays between the notebook and engines on one host go through shared memory."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+import jupyter_dist as jd
+from jupyter_dist import shm
+from tests.waiting import poll_for
+
+NBYTES = 2 * shm.SHM_MIN_NBYTES
+
+
+def _segments(cluster: jd.Cluster) -> list[str]:
+    return [e for e in os.listdir(shm.SHM_DIR) if e.startswith(f"jd-{cluster.id}-")]
+
+
+def test_push_pull_scatter_gather_of_large_arrays_round_trip(cluster: jd.Cluster) -> None:
+    arr = np.random.default_rng(1).integers(0, 1000, NBYTES // 8, dtype=np.int64)
+    cluster[0].push(big=arr)
+    np.testing.assert_array_equal(cluster[0].pull("big"), arr)
+    assert cluster[0].run("int(big.sum())") == int(arr.sum())
+    cluster.push(everywhere=arr)  # one copy mapped by both engines
+    assert cluster.run("int(everywhere[-1])") == [int(arr[-1])] * 2
+    cluster.scatter("part", arr)
+    np.testing.assert_array_equal(cluster.gather("part"), arr)
+    cluster.run("del everywhere, part")
+    cluster[0].run("del big")
+    # Nothing is left in flight: each segment is mapped (held) or back in the pool.
+    poll_for(
+        lambda: all(".held" in e or "-free-" in e for e in _segments(cluster)),
+        10,
+        "no segment in flight",
+    )
+
+
+def test_a_stopped_cluster_leaves_no_shared_memory(fresh_cluster: jd.Cluster) -> None:
+    value = fresh_cluster[1].apply(lambda n: np.ones(n, dtype=np.uint8), NBYTES)
+    assert value.nbytes == NBYTES and _segments(fresh_cluster)
+    fresh_cluster.stop()
+    assert _segments(fresh_cluster) == []
+    assert int(value.sum()) == NBYTES  # the mapping outlives the file

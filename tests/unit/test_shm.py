@@ -1,0 +1,107 @@
+"""Shared-memory segments: export and map, the pool, and names that must not be trusted."""
+
+from __future__ import annotations
+
+import gc
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jupyter_dist import serialize, shm
+from jupyter_dist.errors import SerializationError
+
+
+@pytest.fixture
+def pool(tmp_path: Path) -> shm.SegmentPool:
+    return shm.SegmentPool("c0ffee", directory=str(tmp_path))
+
+
+def _send(pool: shm.SegmentPool, value: object, shared: bool = False) -> tuple[bytes, list, list]:
+    pickled, raw = serialize.serialize(value, "value")
+    frames, descriptors = shm.export_buffers(pool, raw, shared)
+    return pickled, frames, descriptors
+
+
+def test_a_large_array_travels_by_name_and_comes_back_equal(pool: shm.SegmentPool) -> None:
+    arr = np.arange(shm.SHM_MIN_NBYTES // 8 + 5, dtype=np.int64)
+    small = np.arange(10)
+    pickled, frames, descriptors = _send(pool, {"big": arr, "small": small})
+    assert frames == [] and len(descriptors) == 1  # the small one stays inside the pickle
+    value = serialize.deserialize(pickled, shm.import_buffers(pool, frames, descriptors), "v")
+    np.testing.assert_array_equal(value["big"], arr)
+    np.testing.assert_array_equal(value["small"], small)
+
+
+def test_buffers_below_the_threshold_stay_frames(pool: shm.SegmentPool) -> None:
+    _, frames, descriptors = _send(pool, np.zeros(100_000, dtype=np.uint8))
+    assert len(frames) == 1 and descriptors == []
+    assert os.listdir(pool.directory) == []
+
+
+def test_a_released_segment_returns_to_the_pool_and_is_reused(pool: shm.SegmentPool) -> None:
+    arr = np.ones(shm.SHM_MIN_NBYTES, dtype=np.uint8)
+    pickled, frames, descriptors = _send(pool, arr)
+    value = serialize.deserialize(pickled, shm.import_buffers(pool, frames, descriptors), "v")
+    assert [e.endswith(".held") for e in os.listdir(pool.directory)] == [True]
+    del value
+    gc.collect()
+    (free,) = os.listdir(pool.directory)
+    assert free.startswith("jd-c0ffee-free-")
+    _, _, again = _send(pool, arr)
+    assert os.listdir(pool.directory) == [again[0][1]]  # the free one, renamed for this send
+
+
+def test_a_segment_is_received_once(pool: shm.SegmentPool) -> None:
+    pickled, frames, descriptors = _send(pool, np.ones(shm.SHM_MIN_NBYTES, dtype=np.uint8))
+    kept = shm.import_buffers(pool, frames, descriptors)
+    with pytest.raises(SerializationError, match="received once"):
+        shm.import_buffers(pool, frames, descriptors)
+    del kept
+
+
+def test_a_shared_segment_is_mapped_by_many_and_unlinked_by_its_sender(
+    pool: shm.SegmentPool,
+) -> None:
+    arr = np.ones(shm.SHM_MIN_NBYTES, dtype=np.uint8)
+    pickled, frames, descriptors = _send(pool, arr, shared=True)
+    values = [
+        serialize.deserialize(pickled, shm.import_buffers(pool, frames, descriptors), "v")
+        for _ in range(3)
+    ]
+    pool.unlink([d[1:] for d in descriptors])
+    assert os.listdir(pool.directory) == []
+    assert all(int(v.sum()) == arr.size for v in values)  # mappings outlive the name
+
+
+@pytest.mark.parametrize(
+    "descriptor",
+    [
+        [0, "../etc/passwd", 10, False],
+        [0, "jd-other-" + "0" * 32, 10, False],
+        [0, "jd-c0ffee-" + "0" * 32, -1, False],
+        [5, "jd-c0ffee-" + "0" * 32, 10, False],
+        ["x"],
+    ],
+    ids=["path", "other-cluster", "negative-size", "index-out-of-range", "malformed"],
+)
+def test_untrusted_descriptors_are_refused(pool: shm.SegmentPool, descriptor: list) -> None:
+    with pytest.raises(SerializationError):
+        shm.import_buffers(pool, [], [descriptor])
+
+
+def test_remove_all_leaves_no_segment_of_the_cluster(pool: shm.SegmentPool) -> None:
+    for _ in range(2):
+        _send(pool, np.ones(shm.SHM_MIN_NBYTES, dtype=np.uint8))
+    other = Path(pool.directory, "jd-beef-" + "1" * 32)
+    other.write_bytes(b"")
+    pool.remove_all()
+    assert os.listdir(pool.directory) == [other.name]
+
+
+def test_pickle_of_a_mapped_array_is_an_ordinary_copy(pool: shm.SegmentPool) -> None:
+    pickled, frames, descriptors = _send(pool, np.arange(shm.SHM_MIN_NBYTES, dtype=np.uint8))
+    value = serialize.deserialize(pickled, shm.import_buffers(pool, frames, descriptors), "v")
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(value)), value)
