@@ -26,17 +26,20 @@ from jupyter_dist.errors import (
 )
 
 if TYPE_CHECKING:
-    from jupyter_dist.client.cluster import Cluster, EngineStatus, TaskInfo
-    from jupyter_dist.client.futures import Future
+    from jupyter_dist.actor_handle import ActorHandle
+    from jupyter_dist.client.cluster import ActorInfo, Cluster, EngineStatus, TaskInfo
     from jupyter_dist.client.view import View
+    from jupyter_dist.futures import Future
 
 __version__ = "0.1.0"
 
 _CLIENT_EXPORTS = {
+    "ActorHandle": "jupyter_dist.actor_handle",
+    "ActorInfo": "jupyter_dist.client.cluster",
     "Cluster": "jupyter_dist.client.cluster",
     "EngineStatus": "jupyter_dist.client.cluster",
     "TaskInfo": "jupyter_dist.client.cluster",
-    "Future": "jupyter_dist.client.futures",
+    "Future": "jupyter_dist.futures",
     "View": "jupyter_dist.client.view",
 }
 
@@ -63,6 +66,8 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "ActorDiedError",
+    "ActorHandle",
+    "ActorInfo",
     "Cluster",
     "ClusterError",
     "CompositeRemoteError",

@@ -1,4 +1,9 @@
-"""Futures for remote work: concurrent.futures-compatible, awaitable, with jupyter-dist errors."""
+"""Futures for remote work: concurrent.futures-compatible, awaitable, with jupyter-dist errors.
+
+Shared by the client and the engines (an engine calling an actor holds
+futures too). A ``Future`` sent as an argument of a task or actor call
+travels as a ``FutureRef`` and is resolved on the engine that runs it.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from collections.abc import Callable, Generator, Sequence
 from typing import Any
 
 from jupyter_dist.errors import (
+    ActorDiedError,
     CompositeRemoteError,
     DistTimeoutError,
     EngineDiedError,
@@ -41,6 +47,9 @@ class Future(concurrent.futures.Future[Any]):
     def __repr__(self) -> str:
         return f"<Future {self.id} engine={self.engine} {self._state.lower()}>"
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (FutureRef, (self.id,))
+
     def __await__(self) -> Generator[Any, None, Any]:
         return asyncio.wrap_future(self).__await__()
 
@@ -70,6 +79,16 @@ class Future(concurrent.futures.Future[Any]):
             raise DistTimeoutError(f"Task {self.id} did not finish within {timeout} s.") from None
 
 
+class FutureRef:
+    """A task's future as an argument on an engine: replaced by the task's value before the call."""
+
+    def __init__(self, task_id: str) -> None:
+        self.task_id = task_id
+
+    def __repr__(self) -> str:
+        return f"<FutureRef {self.task_id}>"
+
+
 class MultiFuture(Future):
     """One future over several: its value is ``combine`` of their values, in order.
 
@@ -93,6 +112,12 @@ class MultiFuture(Future):
         ref = weakref.ref(self)
         for child in self.children:
             child.add_done_callback(functools.partial(_notify_parent, ref))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        raise TypeError(
+            "a Future of work on several engines cannot be an argument; pass its value "
+            "(`f.result()`) or the Future of one engine's task (`f.children[0]`)"
+        )
 
     def cancel(self) -> bool:
         """Cancel the children that have not started."""
@@ -153,6 +178,8 @@ def error_from_reply(content: dict[str, Any], cluster_id: str) -> JupyterDistErr
         )
     if ename == "NoEnginesError":
         return NoEnginesError(cluster_id, evalue)
+    if ename == "ActorDiedError":
+        return ActorDiedError(evalue)
     if ename == "SerializationError":
         return SerializationError(f"[engine {engine_id}] {evalue}")
     return RemoteError(engine_id, ename, evalue, error.get("traceback", ""))

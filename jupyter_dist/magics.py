@@ -7,8 +7,8 @@ output, not logging.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import concurrent.futures
+import contextlib
 import json
 import os
 import sys

@@ -53,6 +53,7 @@ class MsgType(StrEnum):
     STREAM = "stream"  # engine -> controller -> client: stdout/stderr text
     DISPLAY_DATA = "display_data"  # engine -> controller -> client: a rich output
     EXECUTE_RESULT = "execute_result"  # engine -> controller -> client: a cell's value, shown
+    ACTOR_STATE = "actor_state"  # engine -> controller: an actor's state changed
     CONNECT_REQUEST = "connect_request"  # client -> controller
     CONNECT_REPLY = "connect_reply"
     STATUS_REQUEST = "status_request"

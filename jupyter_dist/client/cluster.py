@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from jupyter_dist import connection_file
+from jupyter_dist.actor_handle import ActorHandle
 from jupyter_dist.client.connection import Connection
-from jupyter_dist.client.futures import Future, MultiFuture
 from jupyter_dist.client.view import View
 from jupyter_dist.connection_file import ClusterInfo
 from jupyter_dist.errors import ClusterError, ConnectionFileError, DistTimeoutError, LauncherError
+from jupyter_dist.futures import Future, MultiFuture
 from jupyter_dist.launchers import local
 from jupyter_dist.protocol import MsgType
 
@@ -45,6 +46,20 @@ class EngineStatus:
     task_id: str | None = None
     queued: int = 0
     exit_code: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ActorInfo:
+    """One living actor as ``c.actors()`` lists it."""
+
+    actor_id: str
+    class_name: str
+    name: str | None
+    engine_id: int
+    pending: int
+    calls_done: int
+    restarts: int
+    state: dict[str, Any] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,6 +282,37 @@ class Cluster(View):
         from jupyter_dist.widgets import ClusterMonitor  # ipywidgets only when a monitor is asked
 
         return ClusterMonitor(self)
+
+    # ---- actors ------------------------------------------------------
+
+    def actors(self) -> list[ActorInfo]:
+        """The living actors: id, class, name, engine, pending calls, calls done, last state."""
+        self.status()
+        return [
+            ActorInfo(
+                actor_id=a["actor_id"],
+                class_name=a["class_name"],
+                name=a["name"],
+                engine_id=a["engine_id"],
+                pending=a["pending"],
+                calls_done=a["calls_done"],
+                restarts=a["restarts"],
+                state=a["state"],
+            )
+            for a in self.connection.state.get("actors", [])
+        ]
+
+    def get_actor(self, name: str) -> ActorHandle:
+        """A handle to the living actor made with ``name=...``, by any client of this cluster."""
+        self.status()
+        actors = self.connection.state.get("actors", [])
+        for a in actors:
+            if a["name"] == name:
+                return ActorHandle(self.id, a["actor_id"], a["class_name"], a["methods"], name)
+        names = ", ".join(repr(a["name"]) for a in actors if a["name"]) or "none"
+        raise ClusterError(
+            f"No actor named {name!r} lives in cluster {self.id!r} (named actors: {names})."
+        )
 
     # ---- results -----------------------------------------------------
 

@@ -17,13 +17,14 @@ from typing import Any
 import zmq
 
 from jupyter_dist import shm
-from jupyter_dist.client.futures import Future, error_from_reply
+from jupyter_dist.actor_handle import register_caller, unregister_caller
 from jupyter_dist.client.output import OutputGroup, OutputRouter
 from jupyter_dist.connection_file import ClusterInfo
 from jupyter_dist.errors import ClusterError, DistTimeoutError, EngineDiedError, SerializationError
+from jupyter_dist.futures import Future, error_from_reply
 from jupyter_dist.ioloop import IOLoop
 from jupyter_dist.protocol import Buffer, Message, MsgType, Session, new_id, send, unpack_or_drop
-from jupyter_dist.serialize import deserialize
+from jupyter_dist.serialize import deserialize, serialize
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class Connection:
         self._execution_count = 0
         self.host = shm.host_name()
         self.shm_pool = shm.pool_for(info.cluster_id)
+        register_caller(info.cluster_id, self)  # actor handles in this process call through here
         self._thread = threading.Thread(
             target=self._io_main, name="jupyter-dist-client-io", daemon=True
         )
@@ -140,6 +142,24 @@ class Connection:
         )
         return self._execution_count
 
+    def call_actor(
+        self, actor_id: str, label: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Future:
+        """Call a method of an actor (any thread); each thread's calls keep their order."""
+        pickled, raw = serialize((args, kwargs), f"the arguments of {label}.{method}")
+        content = {
+            "task_id": new_id(),
+            "kind": "actor_call",
+            "actor_id": actor_id,
+            "method": method,
+            "target": None,
+        }
+        return self.submit(content, [pickled], raw, self.output.new_group(None, label))
+
+    def kill_actor(self, actor_id: str) -> Future:
+        content = {"task_id": new_id(), "kind": "actor_kill", "actor_id": actor_id, "target": None}
+        return self.submit(content)
+
     def cancel(self, task_ids: list[str]) -> None:
         self._call(
             lambda: self._send(self.session.pack(MsgType.CANCEL_REQUEST, {"task_ids": task_ids}))
@@ -156,6 +176,7 @@ class Connection:
         if self._is_closed:
             return
         self._is_closed = True
+        unregister_caller(self.info.cluster_id, self)
         self._loop.stop()
         self._thread.join(5)
 

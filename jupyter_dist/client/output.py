@@ -62,6 +62,7 @@ class OutputGroup:
 
     destination: dict[str, Any] | None
     engine_ids: list[int] | None  # a broadcast's engines; None: whichever engine runs it
+    label: str = ""  # tags the output instead of engine ids (an actor's name)
     streams: dict[str, dict[int, _EngineLines]] = field(default_factory=dict)
     done_engines: set[int] = field(default_factory=set)
     open_tasks: int = 0
@@ -75,9 +76,9 @@ class OutputRouter:
         self._call_later = call_later
         self._groups: dict[str, OutputGroup] = {}
 
-    def new_group(self, engine_ids: list[int] | None) -> OutputGroup:
+    def new_group(self, engine_ids: list[int] | None, label: str = "") -> OutputGroup:
         """A group for output of work submitted now, from this thread's cell."""
-        return OutputGroup(current_destination(), engine_ids)
+        return OutputGroup(current_destination(), engine_ids, label)
 
     def add_task(self, task_id: str, group: OutputGroup) -> None:
         group.open_tasks += 1
@@ -111,7 +112,7 @@ class OutputRouter:
         if msg_type == "execute_result":
             prompt = f"Out[{engine_id}:{metadata.get('execution_count', '')}]: "
         else:
-            prompt = f"[{engine_id}] "
+            prompt = f"{self._tag(group, [engine_id])} "
         tagged = dict(data)
         if "text/plain" in tagged:
             tagged["text/plain"] = prompt + str(tagged["text/plain"])
@@ -139,6 +140,10 @@ class OutputRouter:
         else:
             for name in group.streams:
                 self._emit(group, name, aligned_only=True)
+
+    @staticmethod
+    def _tag(group: OutputGroup, engine_ids: list[int]) -> str:
+        return f"[{group.label}]" if group.label else engine_tag(engine_ids)
 
     def _schedule_flush(self, group: OutputGroup) -> None:
         if group.is_flush_scheduled:
@@ -175,7 +180,7 @@ class OutputRouter:
                 lines = streams[engine_id]
                 by_text.setdefault(lines.complete.pop(0), []).append(engine_id)
                 lines.since = time.monotonic()
-            out.extend(f"{engine_tag(ids)} {text}\n" for text, ids in by_text.items())
+            out.extend(f"{self._tag(group, ids)} {text}\n" for text, ids in by_text.items())
         if out:
             _publish_stream(group.destination, name, "".join(out))
 

@@ -10,10 +10,11 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
+from jupyter_dist.actor_handle import ActorHandle
 from jupyter_dist.client import sequences
-from jupyter_dist.client.futures import Future, MultiFuture
 from jupyter_dist.client.output import OutputGroup
 from jupyter_dist.errors import NoEnginesError, SerializationError
+from jupyter_dist.futures import Future, MultiFuture
 from jupyter_dist.protocol import new_id
 from jupyter_dist.serialize import serialize
 
@@ -208,6 +209,60 @@ class View:
         if self._targets is not None:
             fields["allowed"] = ids
         return self._send(None, "apply", (fn, args, kwargs), f"{name} or its arguments", **fields)
+
+    def actor(
+        self,
+        cls: type,
+        *args: Any,
+        name: str | None = None,
+        max_concurrency: int = 1,
+        max_restarts: int = 0,
+        **kwargs: Any,
+    ) -> ActorHandle:
+        """Create ``cls(*args, **kwargs)`` on the least busy engine of the view; return its handle.
+
+        Its method calls return futures and run one at a time, in each
+        caller's order (``max_concurrency`` lets several run at once, on
+        threads or, for ``async def`` methods, on the actor's event loop).
+        ``name`` lets any client find it with ``c.get_actor(name)``;
+        ``max_restarts`` lets it be made again on another engine when its
+        engine dies (its state then starts afresh). Blocks until the
+        constructor has run, and raises its error.
+
+        Examples
+        --------
+        >>> A = c.actor(Counter, 10)
+        >>> A.incr(5).result()
+        15
+        """
+        self._require_engines()
+        label = name or cls.__name__
+        methods = sorted(
+            m for m in dir(cls) if not m.startswith("_") and callable(getattr(cls, m, None))
+        )
+        fields: dict[str, Any] = {
+            "actor_id": new_id(),
+            "class_name": cls.__qualname__,
+            "name": name,
+            "methods": methods,
+            "max_concurrency": max_concurrency,
+            "max_restarts": max_restarts,
+            "sources": _sources_of(getattr(cls, "__init__", None)),
+        }
+        target = self.engine_ids[0] if self._is_single else None
+        if target is None and self._targets is not None:
+            fields["allowed"] = self.engine_ids
+        group = self._cluster.connection.output.new_group(None, label)
+        future = self._send(
+            target,
+            "actor_create",
+            (cls, args, kwargs),
+            f"{label} or its arguments",
+            group,
+            **fields,
+        )
+        self._cluster.wait(future)
+        return ActorHandle(self._cluster.id, fields["actor_id"], cls.__qualname__, methods, name)
 
     def map(
         self,

@@ -24,11 +24,12 @@ import zmq
 
 from jupyter_dist import connection_file, shm
 from jupyter_dist.connection_file import ClusterInfo
+from jupyter_dist.controller.actors import ActorRecord, ActorRegistry, place
 from jupyter_dist.controller.registry import EngineRecord, EngineRegistry
 from jupyter_dist.controller.scheduler import BalancedQueue
 from jupyter_dist.controller.tasks import TaskRecord, TaskState, TaskStore
 from jupyter_dist.ioloop import IOLoop
-from jupyter_dist.protocol import Message, MsgType, Session, send, unpack_or_drop
+from jupyter_dist.protocol import Message, MsgType, Session, new_id, send, unpack_or_drop
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ class Controller:
         self.pub.setsockopt(zmq.LINGER, 0)
         self.loop = IOLoop()
         self.registry = EngineRegistry()
+        self.actors = ActorRegistry()
         self.tasks = TaskStore()
         self.balanced = BalancedQueue()
         self.stealing: set[str] = set()  # task ids asked back from engines to move them
@@ -210,10 +212,21 @@ class Controller:
         return True
 
     def _reply(
-        self, ident: bytes, msg_type: MsgType, content: dict[str, Any], parent: Message, **kw: Any
+        self,
+        ident: bytes,
+        msg_type: MsgType,
+        content: dict[str, Any],
+        parent: Message,
+        to_engine: bool = False,
+        **kw: Any,
     ) -> bool:
         frames = self.session.pack(msg_type, content, dict(parent.header), **kw)
-        return self._send_to(self.clients, ident, frames)
+        return self._send_to(self.engines if to_engine else self.clients, ident, frames)
+
+    def _send_to_asker(self, record: TaskRecord, frames: list[Any]) -> bool:
+        """Send to whoever submitted the task: a client, or an engine."""
+        sock = self.engines if record.is_from_engine else self.clients
+        return self._send_to(sock, record.client_ident, frames)
 
     def _send_engine(
         self, engine: EngineRecord, msg_type: MsgType, content: dict[str, Any]
@@ -247,13 +260,11 @@ class Controller:
                 "done": self.tasks.count_done,
                 "failed": self.tasks.count_failed,
             },
-            # Issue 4 folds the living actors in here, one dict each: actor_id, class_name,
-            # engine_id, pending, done, state (the latest state() snapshot). Monitors render them.
-            "actors": [],
+            "actors": [a.describe() for a in self.actors.all()],
             "seq": self.state_seq,
         }
 
-    def _on_task(self, ident: bytes, msg: Message) -> None:
+    def _on_task(self, ident: bytes, msg: Message, from_engine: bool = False) -> None:
         content = msg.content
         target = content.get("target")
         record = TaskRecord(
@@ -263,12 +274,16 @@ class Controller:
             target=target,
             request=msg,
             allowed=tuple(content["allowed"]) if content.get("allowed") else None,
+            is_from_engine=from_engine,
         )
         if self.tasks.get(record.task_id) is not None:
             logger.warning("dropped a task_request reusing task id %s", record.task_id)
             return
         self.tasks.add(record)
         self.is_state_dirty = True
+        if record.kind.startswith("actor_"):
+            self._on_actor_request(record, msg)
+            return
         if target is None:
             self.balanced.push(record)
             self._dispatch_balanced()
@@ -279,20 +294,18 @@ class Controller:
             return
         self._dispatch(record, engine)
 
-    def _on_result(self, ident: bytes, msg: Message) -> None:
+    def _on_result(self, ident: bytes, msg: Message, from_engine: bool = False) -> None:
         for task_id in msg.content["task_ids"]:
             record = self.tasks.get(task_id)
             if record is None:
-                self._reply(
-                    ident, MsgType.RESULT_REPLY, {"task_id": task_id, "status": "unknown"}, msg
-                )
+                content = {"task_id": task_id, "status": "unknown"}
+                self._reply(ident, MsgType.RESULT_REPLY, content, msg, to_engine=from_engine)
             elif not record.is_finished:
-                record.client_ident = ident  # the asker gets the reply when it comes
-                self._reply(
-                    ident, MsgType.RESULT_REPLY, {"task_id": task_id, "status": "pending"}, msg
-                )
+                record.waiters.append((from_engine, ident))  # answered when it finishes
+                content = {"task_id": task_id, "status": "pending"}
+                self._reply(ident, MsgType.RESULT_REPLY, content, msg, to_engine=from_engine)
             else:
-                self._deliver(record, ident, msg)
+                self._deliver(record, ident, msg, to_engine=from_engine)
 
     def _on_history(self, ident: bytes, msg: Message) -> None:
         limit = int(msg.content.get("limit", 100))
@@ -427,6 +440,139 @@ class Controller:
         self.balanced.push_front(returned)
         self._dispatch_balanced()
 
+    # ---- actors ---------------------------------------------------------
+
+    def _on_actor_request(self, record: TaskRecord, msg: Message) -> None:
+        """Create, call or kill an actor. Calls go straight to the actor's engine, in arrival order."""
+        content = msg.content
+        actor_id = record.actor_id = content["actor_id"]
+        if record.kind == "actor_create":
+            self._create_actor(record, msg)
+            return
+        actor = self.actors.get(actor_id)
+        if actor is None:
+            if record.kind == "actor_kill":
+                self._finish_here(record)  # killing a dead actor is done already
+            else:
+                self._fail(record, "ActorDiedError", self.actors.death_of(actor_id), None)
+            return
+        if record.kind == "actor_kill":
+            death = f"actor {actor.label} was killed"
+            self.actors.remove(actor, death)
+            for task_id in list(actor.pending):
+                self._fail_actor_call(actor, task_id, f"{death} before this call finished")
+            self.is_state_dirty = True
+        self._send_to_actor(record, actor, msg.frames)
+
+    def _create_actor(self, record: TaskRecord, msg: Message) -> None:
+        content = msg.content
+        name = content.get("name")
+        if name and self.actors.by_name(name) is not None:
+            evalue = f"an actor named {name!r} already exists in this cluster; get it with `c.get_actor({name!r})`"
+            self._fail(record, "ValueError", evalue, None)
+            return
+        live = self.registry.live()
+        if record.target is not None:
+            live = [e for e in live if e.engine_id == record.target]
+        engine = place(live, self.actors, record.allowed)
+        if engine is None:
+            wanted = (
+                f"engine {record.target} is not running"
+                if record.target is not None
+                else "nowhere to place an actor"
+            )
+            self._fail(record, "NoEnginesError", wanted, record.target)
+            return
+        actor = ActorRecord(
+            actor_id=content["actor_id"],
+            class_name=content.get("class_name", "?"),
+            name=name,
+            methods=list(content.get("methods", [])),
+            engine_id=engine.engine_id,
+            create=msg,
+            max_restarts=int(content.get("max_restarts", 0)),
+        )
+        self.actors.add(actor)
+        self.is_state_dirty = True
+        self._send_to_actor(record, actor, msg.frames)
+
+    def _send_to_actor(self, record: TaskRecord, actor: ActorRecord, frames: list[Any]) -> None:
+        record.engine_id = actor.engine_id
+        record.state = TaskState.RUNNING
+        record.request = None
+        actor.pending.add(record.task_id)
+        engine = self.registry.by_id(actor.engine_id)
+        if engine is None or not self._send_to(self.engines, engine.ident, frames):
+            self._fail_actor_call(
+                actor, record.task_id, f"the engine of actor {actor.label} is unreachable"
+            )
+
+    def _on_actor_reply(self, record: TaskRecord, msg: Message) -> None:
+        actor = self.actors.get(record.actor_id or "")
+        if actor is not None and record.task_id in actor.pending:
+            actor.pending.discard(record.task_id)
+            if record.kind == "actor_create" and msg.content.get("status") != "ok":
+                error = msg.content.get("error", {})
+                death = f"the constructor of actor {actor.label} raised {error.get('ename')}: {error.get('evalue')}"
+                self.actors.remove(actor, death)
+                for task_id in list(actor.pending):
+                    self._fail_actor_call(actor, task_id, death)
+            elif record.kind == "actor_call":
+                actor.calls_done += 1
+            self.is_state_dirty = True
+        if not record.is_finished:
+            self._finish(record, msg)
+
+    def _fail_actor_call(self, actor: ActorRecord, task_id: str, reason: str) -> None:
+        actor.pending.discard(task_id)
+        record = self.tasks.get(task_id)
+        if record is not None and not record.is_finished:
+            self._fail(record, "ActorDiedError", reason, actor.engine_id)
+
+    def _finish_here(self, record: TaskRecord) -> None:
+        content = {"task_id": record.task_id, "engine_id": None, "status": "ok"}
+        _, reply = self.session.unpack(self.session.pack(MsgType.TASK_REPLY, content))
+        self._finish(record, reply)
+
+    def _on_actors_engine_death(self, engine: EngineRecord) -> None:
+        """Fail the calls of the dead engine's actors; make again those allowed to restart."""
+        for actor in self.actors.on_engine(engine.engine_id):
+            target = (
+                place(self.registry.live(), self.actors, None)
+                if actor.restarts < actor.max_restarts
+                else None
+            )
+            if target is None:
+                death = (
+                    f"actor {actor.label} lived on engine {engine.engine_id}, which died; "
+                    f"create it again with `c.actor(...)`"
+                )
+                self.actors.remove(actor, death)
+                for task_id in list(actor.pending):
+                    self._fail_actor_call(actor, task_id, death)
+                continue
+            reason = (
+                f"actor {actor.label} lost engine {engine.engine_id}, which died, and was made again on "
+                f"engine {target.engine_id}: its state starts afresh and this call was lost"
+            )
+            for task_id in list(actor.pending):
+                self._fail_actor_call(actor, task_id, reason)
+            actor.restarts += 1
+            actor.engine_id = target.engine_id
+            actor.state = None
+            content = {**actor.create.content, "task_id": new_id()}
+            create = self.session.pack(
+                MsgType.TASK_REQUEST,
+                content,
+                signed_buffers=actor.create.signed_buffers,
+                raw_buffers=actor.create.raw_buffers,
+            )
+            record = TaskRecord(content["task_id"], b"", "actor_create", target.engine_id, None)
+            record.actor_id = actor.actor_id
+            self.tasks.add(record)
+            logger.info("actor %s restarts on engine %d", actor.label, target.engine_id)
+            self._send_to_actor(record, actor, create)
+
     # ---- engines --------------------------------------------------------
 
     def _handle_engine(self, ident: bytes, msg: Message) -> None:
@@ -443,6 +589,15 @@ class Controller:
         engine.last_seen = time.monotonic()
         if msg.msg_type == MsgType.TASK_REPLY:
             self._on_task_reply(engine, msg)
+        elif msg.msg_type == MsgType.TASK_REQUEST:
+            self._on_task(ident, msg, from_engine=True)
+        elif msg.msg_type == MsgType.RESULT_REQUEST:
+            self._on_result(ident, msg, from_engine=True)
+        elif msg.msg_type == MsgType.ACTOR_STATE:
+            actor = self.actors.get(msg.content.get("actor_id", ""))
+            if actor is not None and actor.engine_id == engine.engine_id:
+                actor.state = msg.content.get("state")
+                self.is_state_dirty = True
         elif msg.msg_type in (MsgType.STREAM, MsgType.DISPLAY_DATA, MsgType.EXECUTE_RESULT):
             self._forward_output(msg)
         elif msg.msg_type == MsgType.STEAL_REPLY:
@@ -474,6 +629,10 @@ class Controller:
 
     def _on_task_reply(self, engine: EngineRecord, msg: Message) -> None:
         task_id = msg.content.get("task_id", "")
+        record = self.tasks.get(task_id)
+        if record is not None and record.actor_id is not None:
+            self._on_actor_reply(record, msg)
+            return
         try:
             engine.in_flight.remove(task_id)
         except ValueError:
@@ -481,31 +640,41 @@ class Controller:
                 "engine %d replied to task %s it was not running", engine.engine_id, task_id
             )
             return
-        record = self.tasks.get(task_id)
         if record is not None:
-            failed = msg.content.get("status") != "ok"
-            self.tasks.finish(record, TaskState.FAILED if failed else TaskState.DONE, msg)
-            if self._send_to(self.clients, record.client_ident, msg.frames):
-                self.tasks.mark_delivered(record)
+            self._finish(record, msg)
         self.is_state_dirty = True
         self._dispatch_balanced()
+
+    def _finish(self, record: TaskRecord, reply: Message) -> None:
+        """Keep a task's reply and pass it on, verbatim, to its asker and any waiters."""
+        failed = reply.content.get("status") != "ok"
+        self.tasks.finish(record, TaskState.FAILED if failed else TaskState.DONE, reply)
+        if self._send_to_asker(record, reply.frames):
+            self.tasks.mark_delivered(record)
+        for is_engine, ident in record.waiters:
+            self._deliver(record, ident, reply, to_engine=is_engine)
+        record.waiters.clear()
 
     def _forward_output(self, msg: Message) -> None:
         record = self.tasks.get(msg.content.get("task_id", ""))
         if record is not None:
-            self._send_to(self.clients, record.client_ident, msg.frames)
+            self._send_to_asker(record, msg.frames)
 
-    def _deliver(self, record: TaskRecord, ident: bytes, request: Message) -> None:
+    def _deliver(
+        self, record: TaskRecord, ident: bytes, request: Message, to_engine: bool = False
+    ) -> None:
+        """Send a finished task's stored reply, as a ``result_reply`` to ``request``."""
         reply = record.reply
         if reply is None:
             content = {"task_id": record.task_id, "status": str(record.state)}
-            self._reply(ident, MsgType.RESULT_REPLY, content, request)
+            self._reply(ident, MsgType.RESULT_REPLY, content, request, to_engine=to_engine)
             return
         delivered = self._reply(
             ident,
             MsgType.RESULT_REPLY,
             reply.content,
             request,
+            to_engine=to_engine,
             signed_buffers=reply.signed_buffers,
             raw_buffers=reply.raw_buffers,
         )
@@ -523,12 +692,8 @@ class Controller:
             "error": {"ename": ename, "evalue": evalue, "traceback": "", **extra},
         }
         reply_frames = self.session.pack(MsgType.TASK_REPLY, content)
-        _, reply = self.session.unpack(reply_frames)  # store it like an engine's reply
-        self.tasks.finish(record, TaskState.FAILED, reply)
-        if self._send_to(
-            self.clients, record.client_ident, self.session.pack(MsgType.TASK_REPLY, content)
-        ):
-            self.tasks.mark_delivered(record)
+        _, reply = self.session.unpack(reply_frames)  # stored and sent like an engine's reply
+        self._finish(record, reply)
 
     def _check_engines(self) -> None:
         now = time.monotonic()
@@ -591,6 +756,7 @@ class Controller:
             record.state = TaskState.QUEUED
             record.engine_id = None
         self.balanced.push_front(requeue)
+        self._on_actors_engine_death(engine)
         self._dispatch_balanced()
 
     # ---- state for monitors ---------------------------------------------

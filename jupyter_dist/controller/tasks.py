@@ -44,6 +44,11 @@ class TaskRecord:
     finished: float | None = None
     reply: Message | None = None
     is_delivered: bool = False
+    is_from_engine: bool = False  # asked by an engine (an actor handle or a future it was given)
+    actor_id: str | None = None
+    waiters: list[tuple[bool, bytes]] = field(
+        default_factory=list
+    )  # (is engine, ident) asking for it
     times_sent: int = 0
 
     @property

@@ -24,10 +24,13 @@ from typing import Any
 import zmq
 
 from jupyter_dist import serialize, shm
+from jupyter_dist.actor_handle import register_caller
 from jupyter_dist.connection_file import ClusterInfo
+from jupyter_dist.engine.actors import ActorHost
+from jupyter_dist.engine.caller import EngineCaller
 from jupyter_dist.engine.executor import Executor, Outcome
 from jupyter_dist.engine.metrics import MetricsSampler
-from jupyter_dist.engine.streams import OutStream
+from jupyter_dist.engine.streams import OutStream, current_task_id
 from jupyter_dist.errors import SerializationError
 from jupyter_dist.ioloop import IOLoop
 from jupyter_dist.protocol import Message, MsgType, Session, send, unpack_or_drop
@@ -37,6 +40,7 @@ logger = logging.getLogger(__name__)
 HEARTBEAT_INTERVAL_S = 1.0
 CONTROLLER_TIMEOUT_S = 10.0
 REGISTER_TIMEOUT_S = 30.0
+ACTOR_STATE_INTERVAL_S = 0.5
 
 
 class _TaskQueue:
@@ -88,6 +92,10 @@ class Engine:
         self.parent_pid = os.getppid()
         self.last_controller_contact = time.monotonic()
         self.metrics = MetricsSampler()
+        self.caller = EngineCaller(info.cluster_id, self._send_threadsafe)
+        register_caller(info.cluster_id, self.caller)
+        self.actors: ActorHost | None = None  # made with the executor, once registered
+        self.early_actor_requests: list[Message] = []
 
     # ---- I/O thread -------------------------------------------------
 
@@ -104,6 +112,7 @@ class Engine:
             {"pid": os.getpid(), "host": socket.gethostname(), "requested_id": self.requested_id},
         )
         self.loop.call_later(HEARTBEAT_INTERVAL_S, self._heartbeat)
+        self.loop.call_later(ACTOR_STATE_INTERVAL_S, self._send_actor_states)
         self.loop.run()
         self.metrics.close()
         sock.close(linger=1000)
@@ -120,6 +129,11 @@ class Engine:
         assert self.sock is not None  # only called on the I/O thread after connect
         send(self.sock, self.session.pack(msg_type, content, parent, None, signed or (), raw or ()))
 
+    def _send_threadsafe(
+        self, msg_type: MsgType, content: dict[str, Any], signed: list[Any], raw: list[Any]
+    ) -> None:
+        self.loop.call_soon_threadsafe(lambda: self._send(msg_type, content, None, signed, raw))
+
     def _on_message(self, frames: list[zmq.Frame]) -> None:
         unpacked = unpack_or_drop(self.session, frames, "the controller")
         if unpacked is not None:
@@ -129,7 +143,14 @@ class Engine:
     def _handle(self, msg: Message) -> None:
         msg_type = msg.msg_type
         if msg_type == MsgType.TASK_REQUEST:
-            self.tasks.put(msg)
+            if msg.content.get("kind", "").startswith("actor_"):
+                self._to_actors(msg)
+            else:
+                self.tasks.put(msg)
+        elif msg_type in (MsgType.TASK_REPLY, MsgType.RESULT_REPLY):
+            self.caller.resolve(msg)
+        elif msg_type in (MsgType.STREAM, MsgType.DISPLAY_DATA, MsgType.EXECUTE_RESULT):
+            pass  # output of an actor call made from here: it was printed where it ran
         elif msg_type == MsgType.HEARTBEAT_REPLY:
             pass
         elif msg_type == MsgType.REGISTER_REPLY:
@@ -146,6 +167,18 @@ class Engine:
             self._shutdown()
         else:
             logger.warning("engine %d: ignored an unexpected %s", self.engine_id, msg_type)
+
+    def _to_actors(self, msg: Message) -> None:
+        if self.actors is None:
+            self.early_actor_requests.append(msg)
+        else:
+            self.actors.handle(msg)
+
+    def _send_actor_states(self) -> None:
+        if self.actors is not None:
+            for actor_id, state in self.actors.changed_states():
+                self._send(MsgType.ACTOR_STATE, {"actor_id": actor_id, "state": state})
+        self.loop.call_later(ACTOR_STATE_INTERVAL_S, self._send_actor_states)
 
     def _on_registered(self, msg: Message) -> None:
         if msg.content.get("status") != "ok":
@@ -189,7 +222,7 @@ class Engine:
         for stream in self.streams:
             stream.flush()
         content = {
-            "task_id": self.current_task_id,
+            "task_id": current_task_id.get(),
             "engine_id": self.engine_id,
             "data": data,
             "metadata": metadata,
@@ -228,17 +261,23 @@ class Engine:
             for name in ("stdout", "stderr")
         ]
         sys.stdout, sys.stderr = self.streams
-        executor = Executor(self.engine_id, self._send_display)
+        executor = Executor(self.engine_id, self._send_display, self.caller.fetch_result)
+        self.loop.call_soon_threadsafe(lambda: self._start_actors(executor))
         while (msg := self.tasks.get()) is not None:
-            self._run_task(executor, msg, self.streams)
+            self._run_task(executor, msg)
         io_thread.join(5)
 
-    def _run_task(self, executor: Executor, msg: Message, streams: list[OutStream]) -> None:
+    def _start_actors(self, executor: Executor) -> None:
+        self.actors = ActorHost(executor, self._send_reply)
+        for msg in self.early_actor_requests:
+            self.actors.handle(msg)
+        self.early_actor_requests.clear()
+
+    def _run_task(self, executor: Executor, msg: Message) -> None:
         content = msg.content
         task_id = content["task_id"]
         self.current_task_id = task_id
-        for stream in streams:
-            stream.task_id = task_id
+        current_task_id.set(task_id)
         started = time.time()
         signed = msg.signed_buffers
         self.is_running_user_code = True
@@ -255,8 +294,17 @@ class Engine:
             )
         finally:
             self.is_running_user_code = False
-        for stream in streams:
+        self._send_reply(msg, outcome, started)
+
+    def _send_reply(self, msg: Message, outcome: Outcome, started: float) -> None:
+        """Serialize the outcome of a task or actor call (calling thread) and send the reply.
+
+        What the call printed is sent first, so it reaches the client before the reply.
+        """
+        for stream in self.streams:
             stream.flush()
+        content = msg.content
+        task_id = content["task_id"]
         reply = {
             "task_id": task_id,
             "engine_id": self.engine_id,

@@ -21,7 +21,8 @@ from IPython.core.formatters import DisplayFormatter
 from IPython.core.interactiveshell import InteractiveShell
 from traitlets.config import Config
 
-from jupyter_dist.errors import SerializationError
+from jupyter_dist.errors import JupyterDistError, SerializationError
+from jupyter_dist.futures import FutureRef
 from jupyter_dist.serialize import deserialize
 
 logger = logging.getLogger(__name__)
@@ -33,6 +34,11 @@ class Outcome:
 
     value: Any = None
     error: dict[str, str] | None = field(default=None)
+
+
+def plain_error(exc: BaseException) -> dict[str, str]:
+    """An error of ours (not of user code): its message is the whole story."""
+    return {"ename": type(exc).__name__, "evalue": str(exc), "traceback": str(exc)}
 
 
 class _ValueHook(DisplayHook):
@@ -85,8 +91,11 @@ class _EngineShell(InteractiveShell):
 class Executor:
     """Owns the engine's namespace; runs tasks on the main thread."""
 
-    def __init__(self, engine_id: int, send_display: DisplaySender) -> None:
+    def __init__(
+        self, engine_id: int, send_display: DisplaySender, fetch_result: Callable[[str], Any]
+    ) -> None:
         self.engine_id = engine_id
+        self.fetch_result = fetch_result
         config = Config()
         config.HistoryManager.enabled = False
         config.InteractiveShell.colors = "nocolor"
@@ -109,21 +118,15 @@ class Executor:
         self.shell.last_error = None
         payload: Any = None
         try:
-            payload = (
-                deserialize(pickled, raw, f"the input of task {content['task_id']}")
-                if pickled
-                else None
-            )
+            payload = self.load(content, pickled, raw)
         except SerializationError as e:
-            return Outcome(
-                error={"ename": "SerializationError", "evalue": str(e), "traceback": str(e)}
-            )
+            return Outcome(error=plain_error(e))
         if kind == "execute":
             return self._execute(
                 content["code"], content.get("execution_count"), bool(content.get("display_result"))
             )
         if kind == "apply":
-            return self._apply(payload, content.get("sources", {}))
+            return self._apply(payload)
         if kind == "push":
             self.namespace.update(payload)
             return Outcome()
@@ -151,23 +154,53 @@ class Executor:
         self.send_display("execute_result", data, metadata)
         return Outcome()
 
-    def _apply(
-        self, payload: tuple[Any, tuple[Any, ...], dict[str, Any]], sources: dict[str, str]
-    ) -> Outcome:
-        fn, args, kwargs = payload
-        for filename, text in sources.items():
+    def load(
+        self, content: dict[str, Any], pickled: memoryview | None, raw: list[memoryview]
+    ) -> Any:
+        """Unpickle a request's payload; make the source lines it carries known to tracebacks."""
+        for filename, text in content.get("sources", {}).items():
             if filename not in linecache.cache:
                 lines = text.splitlines(keepends=True)
                 linecache.cache[filename] = (len(text), None, lines, filename)
+        if not pickled:
+            return None
+        return deserialize(pickled, raw, f"the input of task {content['task_id']}")
+
+    def resolve_arguments(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Replace futures among the arguments by their tasks' values (waits for them; raises their errors)."""
+        resolved_args = tuple(self._resolve(a) for a in args)
+        return resolved_args, {k: self._resolve(v) for k, v in kwargs.items()}
+
+    def call(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Outcome:
+        """Call user code (any thread) with its arguments resolved."""
+        try:
+            args, kwargs = self.resolve_arguments(args, kwargs)
+        except JupyterDistError as e:
+            return Outcome(error=plain_error(e))
         try:
             return Outcome(value=fn(*args, **kwargs))
         except BaseException as e:  # user code: everything it raises is reported
             if isinstance(e, SystemExit | GeneratorExit):
                 logger.info("user code raised %s; the engine keeps running", type(e).__name__)
-            self.shell.showtraceback(
-                (type(e), e, e.__traceback__.tb_next if e.__traceback__ else None)
-            )
-            return Outcome(error=self._take_error(e))
+            return Outcome(error=self.format_error(e))
+
+    def _resolve(self, value: Any) -> Any:
+        return self.fetch_result(value.task_id) if isinstance(value, FutureRef) else value
+
+    def format_error(self, exc: BaseException) -> dict[str, str]:
+        """The exception with the engine's traceback of user code (without this module's frame)."""
+        tb = exc.__traceback__.tb_next if exc.__traceback__ else None
+        tbtools = self.shell.InteractiveTB
+        stb = tbtools.structured_traceback(type(exc), exc, tb)
+        return {"ename": type(exc).__name__, "evalue": str(exc), "traceback": tbtools.stb2text(stb)}
+
+    def _apply(self, payload: tuple[Any, tuple[Any, ...], dict[str, Any]]) -> Outcome:
+        fn, args, kwargs = payload
+        return self.call(fn, args, kwargs)
 
     def _pull(self, names: list[str]) -> Outcome:
         missing = [name for name in names if name not in self.namespace]

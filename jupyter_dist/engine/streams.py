@@ -11,11 +11,16 @@ from __future__ import annotations
 import io
 import threading
 from collections.abc import Callable
+from contextvars import ContextVar
 
 FLUSH_INTERVAL_S = 0.1
 
 # (stream name, task id, text) -> sends one stream message; runs on the I/O thread.
 StreamSender = Callable[[str, str, str], None]
+
+# The task whose code runs in this thread or asyncio task: the main thread's task,
+# or an actor's call (actors run on threads and event loops of their own).
+current_task_id: ContextVar[str] = ContextVar("current_task_id", default="")
 
 
 class OutStream(io.TextIOBase):
@@ -30,7 +35,6 @@ class OutStream(io.TextIOBase):
     ) -> None:
         super().__init__()
         self.name = name
-        self.task_id = ""
         self._send = send
         self._call_soon_threadsafe = call_soon_threadsafe
         self._call_later = call_later
@@ -54,7 +58,7 @@ class OutStream(io.TextIOBase):
         if not text:
             return 0
         with self._lock:
-            self._pending.append((self.task_id, text))
+            self._pending.append((current_task_id.get(), text))
             must_schedule = not self._is_flush_scheduled
             self._is_flush_scheduled = True
         if must_schedule:

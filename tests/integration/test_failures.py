@@ -146,6 +146,7 @@ def test_killed_engine_fails_its_task_within_seconds_and_others_go_on(
         c[1].run("1")
 
 
+@pytest.mark.timeout(600)  # about 10-30 s alone; minutes on a loaded 2-core machine
 def test_hundred_thousand_tasks_from_one_client_all_complete(cluster: jd.Cluster) -> None:
     n = 100_000
     futures = cluster.map(abs, range(-n, 0), block=False)
