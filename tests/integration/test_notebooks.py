@@ -20,6 +20,14 @@ EXPECTED_TEXT = {
         "learning rate 0.1    final loss",
         "values               list",
     ],
+    "03-actors": [
+        "steps done by the workers: 80",
+        "updates: 80",
+        "weights close to target: True",
+        "ps ParameterServer on engine",
+        "AttributeError: actor ps (ParameterServer) has no public method 'get_weights'",
+        "ActorDiedError: actor ps was killed",
+    ],
 }
 
 
