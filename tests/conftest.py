@@ -14,6 +14,8 @@ import pytest
 import jupyter_dist as jd
 from jupyter_dist import connection_file
 
+pytest_plugins = ["pytest_jupyter.jupyter_server"]  # jp_fetch, jp_ws_fetch: a real Jupyter server
+
 HERE = Path(__file__).parent
 LOG_TAIL_LINES = 50
 
