@@ -1,8 +1,8 @@
 """Write, find and read cluster connection files in the Jupyter runtime directory.
 
 A connection file (JSON, mode 0600) holds what a client needs to reach a
-cluster: its id, addresses, the signing key and the controller's pid and
-host. Files whose controller is gone are removed when clusters are listed.
+cluster: its id, addresses, the signing key, the controller's public Curve
+key (when it listens beyond loopback) and the controller's pid and host. Files whose controller is gone are removed when clusters are listed.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ class ClusterInfo:
     controller_pid: int
     host: str
     created: float
+    curve_public_key: str = ""  # the controller's CurveZMQ key when it listens beyond loopback
 
     def url(self, port: int) -> str:
         return f"tcp://{self.ip}:{port}"

@@ -24,6 +24,7 @@ from jupyter_dist.errors import ClusterError, DistTimeoutError, EngineDiedError,
 from jupyter_dist.futures import Future, error_from_reply
 from jupyter_dist.ioloop import IOLoop
 from jupyter_dist.protocol import Buffer, Message, MsgType, Session, new_id, send, unpack_or_drop
+from jupyter_dist.security import secure_client
 from jupyter_dist.serialize import deserialize, serialize
 
 logger = logging.getLogger(__name__)
@@ -197,12 +198,14 @@ class Connection:
         sock.setsockopt(zmq.LINGER, 1000)
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
+        secure_client(sock, self.info)
         sock.connect(self.info.url(self.info.client_port))
         self._sock = sock
         self._loop.add_socket(sock, self._on_message)
         sub = self._ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.SUBSCRIBE, b"")
+        secure_client(sub, self.info)
         sub.connect(self.info.url(self.info.pub_port))
         self._loop.add_socket(sub, self._on_message)
         try:

@@ -30,6 +30,7 @@ from jupyter_dist.controller.scheduler import BalancedQueue
 from jupyter_dist.controller.tasks import TaskRecord, TaskState, TaskStore
 from jupyter_dist.ioloop import IOLoop
 from jupyter_dist.protocol import Message, MsgType, Session, new_id, send, unpack_or_drop
+from jupyter_dist.security import is_reachable_from_other_hosts, secure_server, server_keypair
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +99,15 @@ class Controller:
     # ---- life cycle ---------------------------------------------------
 
     def start(self, n_engines: int = 0) -> str:
-        """Bind, write the connection file and start ``n_engines`` local engines."""
+        """Bind, write the connection file and start ``n_engines`` local engines.
+
+        Listening beyond loopback, every socket is a CurveZMQ server: encrypted.
+        """
+        curve_public = b""
+        if is_reachable_from_other_hosts(self.ip):
+            curve_public, curve_secret = server_keypair()
+            for sock in (self.clients, self.engines, self.pub):
+                secure_server(sock, curve_public, curve_secret)
         ports = {
             name: _bind(sock, self.ip)
             for name, sock in (
@@ -114,14 +123,16 @@ class Controller:
             controller_pid=os.getpid(),
             host=socket.gethostname(),
             created=time.time(),
+            curve_public_key=curve_public.decode(),
             **ports,
         )
         connection_file.list_running()  # removes files of controllers that died
         self.connection_path = str(connection_file.write(info))
         logger.info(
-            "cluster %s listening on %s, connection file %s",
+            "cluster %s listening on %s%s, connection file %s",
             self.cluster_id,
             self.ip,
+            " (CurveZMQ)" if curve_public else "",
             self.connection_path,
         )
         self.loop.add_socket(self.clients, self._on_client_message)

@@ -34,6 +34,7 @@ from jupyter_dist.engine.streams import OutStream, current_task_id
 from jupyter_dist.errors import SerializationError
 from jupyter_dist.ioloop import IOLoop
 from jupyter_dist.protocol import Message, MsgType, Session, send, unpack_or_drop
+from jupyter_dist.security import secure_client
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +105,7 @@ class Engine:
         sock.setsockopt(zmq.LINGER, 1000)
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
+        secure_client(sock, self.info)
         sock.connect(self.info.url(self.info.engine_port))
         self.sock = sock
         self.loop.add_socket(sock, self._on_message)

@@ -289,3 +289,22 @@ def test_cancel_stops_work_that_has_not_started(cluster: jd.Cluster, tmp_path: P
         5,
         "the controller records the task as cancelled",
     )
+
+
+def test_cluster_listening_beyond_loopback_encrypts_with_curve(
+    runtime_dir: Path, zmq_ctx: zmq.Context
+) -> None:
+    c = jd.Cluster.start(n=1, ip="0.0.0.0")
+    try:
+        info = connection_file.read(c.connection_file)
+        assert len(info.curve_public_key) == 40  # a Z85-encoded Curve key
+        assert c.run("'encrypted'") == ["encrypted"]
+        plain = _raw_dealer(zmq_ctx, f"tcp://127.0.0.1:{info.client_port}")
+        plain.send_multipart(Session(bytes.fromhex(info.key)).pack(MsgType.STATUS_REQUEST, {}))
+        assert plain.poll(1000) == 0, "a socket without Curve got an answer"
+    finally:
+        c.stop()
+
+
+def test_cluster_on_loopback_does_not_need_curve(cluster: jd.Cluster) -> None:
+    assert connection_file.read(cluster.connection_file).curve_public_key == ""
