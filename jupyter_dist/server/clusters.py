@@ -33,6 +33,7 @@ from jupyter_dist.connection_file import ClusterInfo
 from jupyter_dist.errors import ClusterError, DistTimeoutError, LauncherError
 from jupyter_dist.launchers import local
 from jupyter_dist.protocol import Message, MsgType, Session, new_id, unpack_or_drop
+from jupyter_dist.security import secure_client
 
 logger = logging.getLogger(__name__)
 
@@ -64,9 +65,11 @@ class ClusterLink:
         self._sub = ctx.socket(zmq.SUB)
         self._sub.setsockopt(zmq.LINGER, 0)
         self._sub.setsockopt(zmq.SUBSCRIBE, b"")
+        secure_client(self._sub, info)
         self._sub.connect(info.url(info.pub_port))
         self._dealer = ctx.socket(zmq.DEALER)
         self._dealer.setsockopt(zmq.LINGER, 0)
+        secure_client(self._dealer, info)
         self._dealer.connect(info.url(info.client_port))
         self._tasks = [
             asyncio.ensure_future(self._receive(self._sub)),
