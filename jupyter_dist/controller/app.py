@@ -4,10 +4,14 @@ One thread, one poll loop, all state owned here (no locks). Clients connect
 to a ROUTER, engines to another, monitors subscribe to a PUB socket.
 Load-balanced tasks wait here until the scheduler places them (least
 outstanding work, pipelined, with stealing); direct tasks go straight to
-their engine. ROUTER sockets would
+their engine; actor calls go to their actor's engine. ROUTER sockets would
 drop messages at their high-water mark, so both are unlimited and
 ``ROUTER_MANDATORY``: the queues live here, and a send to a vanished peer
 raises instead of vanishing. Results are kept until a client has them.
+
+The module is longer than our 600-line guide because every handler here
+changes the same state in one thread; the pure bookkeeping lives beside it
+(registry, scheduler, tasks, actors) and this class only routes messages.
 """
 
 from __future__ import annotations
