@@ -3,10 +3,13 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+CHROMIUM := /usr/bin/chromium
+LABEXT_SOURCES := labextension/package.json labextension/tsconfig.json $(wildcard labextension/src/* labextension/style/*)
 
 .PHONY: lab test lint unit integration bench clean
 
-$(STAMP): pyproject.toml
+# `pip install -e .` also builds the JupyterLab panel (labextension/) through hatch-jupyter-builder.
+$(STAMP): pyproject.toml $(LABEXT_SOURCES)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
@@ -19,8 +22,13 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check jupyter_dist tests
 	$(BIN)/ruff check jupyter_dist tests
 	$(BIN)/mypy jupyter_dist
+	cd labextension && PATH="$(CURDIR)/$(BIN):$$PATH" jlpm lint:check
 
-test: lint
+# The browser tests drive Debian's chromium (never a downloaded browser); installed when missing.
+$(CHROMIUM):
+	apt-get update -qq && apt-get install -y -qq chromium
+
+test: lint $(CHROMIUM)
 	$(BIN)/python -m pytest -p no:cacheprovider tests
 
 unit: $(STAMP)

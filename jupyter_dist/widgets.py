@@ -132,10 +132,10 @@ def _actors_html(actors: list[dict[str, Any]]) -> str:
     rows = "".join(
         "<tr>"
         f"<td>{html.escape(str(a.get('actor_id', ''))[:8])}</td>"
-        f"<td>{html.escape(str(a.get('class_name', '')))}</td>"
+        f"<td>{html.escape(str(a.get('name') or a.get('class_name', '')))}</td>"
         f"<td>{a.get('engine_id', '')}</td>"
         f"<td>{a.get('pending', 0)}</td>"
-        f"<td>{a.get('done', 0)}</td>"
+        f"<td>{a.get('calls_done', 0)}</td>"
         f"<td><code>{html.escape(repr(a.get('state', {})))[:200]}</code></td>"
         "</tr>"
         for a in actors

@@ -109,7 +109,7 @@ def test_actors_are_listed_with_their_engine_calls_and_state() -> None:
         "class_name": "Counter",
         "engine_id": 1,
         "pending": 2,
-        "done": 5,
+        "calls_done": 5,
         "state": {"count": 15},
     }
 

@@ -1,0 +1,320 @@
+/**
+ * The left side panel: running clusters, their engines, GPUs, actors and tasks.
+ */
+
+import { ReactWidget, UseSignal } from '@jupyterlab/ui-components';
+import React from 'react';
+
+import { DistModel } from './model';
+import { IActor, ICluster, IEngine, IGpu } from './types';
+
+function formatBytes(nbytes: number | null): string {
+  if (nbytes === null) {
+    return '-';
+  }
+  const units = ['B', 'kB', 'MB', 'GB', 'TB'];
+  let value = nbytes;
+  let unit = 0;
+  while (Math.abs(value) >= 1000 && unit < units.length - 1) {
+    value /= 1000;
+    unit += 1;
+  }
+  return unit === 0 ? `${value} B` : `${value.toFixed(1)} ${units[unit]}`;
+}
+
+function Bar(props: { percent: number; label: string; kind: string }) {
+  const percent = Math.max(0, Math.min(100, props.percent));
+  return (
+    <div
+      className={`jp-dist-Bar jp-dist-Bar-${props.kind}`}
+      title={props.label}
+    >
+      <div className="jp-dist-Bar-fill" style={{ width: `${percent}%` }} />
+      <span className="jp-dist-Bar-label">{props.label}</span>
+    </div>
+  );
+}
+
+function GpuBars(props: { gpu: IGpu }) {
+  const gpu = props.gpu;
+  const used = gpu.memory_used_bytes;
+  const total = gpu.memory_total_bytes;
+  const memory = used !== null && total ? (100 * used) / total : 0;
+  const details = [
+    gpu.temperature_c !== null ? `${gpu.temperature_c} °C` : '',
+    gpu.power_w !== null ? `${gpu.power_w.toFixed(0)} W` : '',
+    gpu.process_memory_bytes
+      ? `this engine ${formatBytes(gpu.process_memory_bytes)}`
+      : ''
+  ].filter(Boolean);
+  return (
+    <div className="jp-dist-Gpu" title={`${gpu.name} ${gpu.uuid}`}>
+      <span className="jp-dist-Gpu-name">
+        GPU {gpu.index} {details.join(', ')}
+      </span>
+      <Bar
+        kind="gpu"
+        percent={gpu.utilization_percent ?? 0}
+        label={`${gpu.utilization_percent ?? '-'}%`}
+      />
+      <Bar
+        kind="gpumem"
+        percent={memory}
+        label={`${formatBytes(used)} / ${formatBytes(total)}`}
+      />
+    </div>
+  );
+}
+
+function shortClassName(className: string): string {
+  const parts = className.split('.');
+  return parts[parts.length - 1] || className;
+}
+
+function EngineRows(props: {
+  engine: IEngine;
+  onRestart: () => void;
+  isBusy: boolean;
+}) {
+  const engine = props.engine;
+  const rows = [
+    <tr
+      key="engine"
+      className={`jp-dist-EngineRow jp-dist-state-${engine.state}`}
+      data-engine-id={engine.engine_id}
+    >
+      <td title={`pid ${engine.pid} on ${engine.host}`}>
+        <div className="jp-dist-EngineId">{engine.engine_id}</div>
+        <div className="jp-dist-EngineHost">{engine.host}</div>
+      </td>
+      <td className="jp-dist-EngineState">{engine.state}</td>
+      <td>
+        <Bar
+          kind="cpu"
+          percent={engine.cpu_percent ?? 0}
+          label={engine.cpu_percent === null ? '-' : `${engine.cpu_percent}%`}
+        />
+      </td>
+      <td className="jp-dist-Memory">{formatBytes(engine.rss_bytes)}</td>
+      <td className="jp-dist-Task" title={engine.task_id ?? ''}>
+        {engine.task_id ? engine.task_id.slice(0, 8) : ''}
+        {engine.queued ? ` +${engine.queued}` : ''}
+      </td>
+      <td>
+        <button
+          className="jp-mod-styled jp-dist-RestartButton"
+          title={`Restart engine ${engine.engine_id}`}
+          disabled={props.isBusy}
+          onClick={props.onRestart}
+        >
+          ↻
+        </button>
+      </td>
+    </tr>
+  ];
+  if (engine.gpus.length > 0) {
+    rows.push(
+      <tr key="gpus" className="jp-dist-GpuRow">
+        <td />
+        <td colSpan={5}>
+          {engine.gpus.map(gpu => (
+            <GpuBars key={gpu.uuid || gpu.index} gpu={gpu} />
+          ))}
+        </td>
+      </tr>
+    );
+  }
+  return <>{rows}</>;
+}
+
+function ActorList(props: { actors: IActor[] }) {
+  if (props.actors.length === 0) {
+    return null;
+  }
+  return (
+    <div className="jp-dist-ActorList">
+      <div className="jp-dist-SectionTitle">actors</div>
+      {props.actors.map(actor => (
+        <div
+          key={actor.actor_id}
+          className="jp-dist-ActorRow"
+          data-actor-id={actor.actor_id}
+        >
+          <div className="jp-dist-ActorHeader" title={actor.class_name}>
+            <b>{shortClassName(actor.class_name)}</b>
+            {actor.name
+              ? ` "${actor.name}"`
+              : ` ${actor.actor_id.slice(0, 8)}`}{' '}
+            on engine {actor.engine_id ?? '-'}: {actor.calls_done} done,{' '}
+            {actor.pending} pending
+          </div>
+          <code className="jp-dist-ActorState">
+            {JSON.stringify(actor.state)}
+          </code>
+        </div>
+      ))}
+    </div>
+  );
+}
+
+function ClusterView(props: {
+  cluster: ICluster;
+  model: DistModel;
+  onInsert: (clusterId: string) => void;
+}) {
+  const { cluster, model } = props;
+  const state = cluster.state;
+  const engines = state?.engines ?? [];
+  const live = engines.filter(e => e.state !== 'dead').length;
+  const tasks = state?.tasks;
+  return (
+    <div className="jp-dist-Cluster" data-cluster-id={cluster.cluster_id}>
+      <div className="jp-dist-ClusterHeader">
+        <span className="jp-dist-ClusterId">{cluster.cluster_id}</span>
+        <span className="jp-dist-ClusterSummary">
+          {live}/{engines.length} engines on {cluster.host}
+        </span>
+      </div>
+      <div className="jp-dist-ClusterButtons">
+        <button
+          className="jp-mod-styled jp-dist-InsertButton"
+          title="Insert a cell that connects to this cluster into the active notebook"
+          onClick={() => props.onInsert(cluster.cluster_id)}
+        >
+          Insert connect
+        </button>
+        <button
+          className="jp-mod-styled jp-mod-warn jp-dist-StopButton"
+          title="Stop this cluster and all of its engines"
+          disabled={model.isBusy}
+          onClick={() => void model.stopCluster(cluster.cluster_id)}
+        >
+          Stop
+        </button>
+      </div>
+      {tasks && (
+        <div className="jp-dist-TaskCounts">
+          tasks: {tasks.done} done, {tasks.pending} pending ({tasks.queued}{' '}
+          queued), {tasks.failed} failed
+        </div>
+      )}
+      <table className="jp-dist-EngineTable">
+        <thead>
+          <tr>
+            <th>id</th>
+            <th>state</th>
+            <th>CPU</th>
+            <th>memory</th>
+            <th>task</th>
+            <th />
+          </tr>
+        </thead>
+        <tbody>
+          {engines.map(engine => (
+            <EngineRows
+              key={engine.engine_id}
+              engine={engine}
+              isBusy={model.isBusy}
+              onRestart={() =>
+                void model.restartEngine(cluster.cluster_id, engine.engine_id)
+              }
+            />
+          ))}
+        </tbody>
+      </table>
+      <ActorList actors={state?.actors ?? []} />
+    </div>
+  );
+}
+
+function StartForm(props: { model: DistModel }) {
+  const [n, setN] = React.useState(2);
+  return (
+    <div className="jp-dist-StartForm">
+      <label>
+        engines{' '}
+        <input
+          className="jp-dist-EngineCount"
+          type="number"
+          min={1}
+          max={256}
+          value={n}
+          onChange={e => setN(Math.max(1, Number(e.target.value) || 1))}
+        />
+      </label>
+      <button
+        className="jp-mod-styled jp-mod-accept jp-dist-StartButton"
+        disabled={props.model.isBusy}
+        onClick={() => void props.model.startCluster(n)}
+      >
+        Start cluster
+      </button>
+    </div>
+  );
+}
+
+/**
+ * The side panel widget.
+ */
+export class DistPanel extends ReactWidget {
+  constructor(options: DistPanel.IOptions) {
+    super();
+    this._model = options.model;
+    this._onInsert = options.onInsert;
+    this.addClass('jp-dist-Panel');
+  }
+
+  dispose(): void {
+    if (this.isDisposed) {
+      return;
+    }
+    this._model.dispose();
+    super.dispose();
+  }
+
+  protected render(): JSX.Element {
+    return (
+      <UseSignal signal={this._model.changed}>
+        {() => {
+          const model = this._model;
+          const clusters = model.clusters;
+          return (
+            <div className="jp-dist-PanelBody">
+              <h2 className="jp-dist-Title">Clusters</h2>
+              <StartForm model={model} />
+              {!model.isConnected && (
+                <div className="jp-dist-Notice">Connecting to the server…</div>
+              )}
+              {model.error && (
+                <div className="jp-dist-Error">{model.error}</div>
+              )}
+              {clusters.length === 0 && model.isConnected && (
+                <div className="jp-dist-Notice">No cluster is running.</div>
+              )}
+              {clusters.map(cluster => (
+                <ClusterView
+                  key={cluster.cluster_id}
+                  cluster={cluster}
+                  model={model}
+                  onInsert={this._onInsert}
+                />
+              ))}
+            </div>
+          );
+        }}
+      </UseSignal>
+    );
+  }
+
+  private _model: DistModel;
+  private _onInsert: (clusterId: string) => void;
+}
+
+export namespace DistPanel {
+  export interface IOptions {
+    /** The clusters to show; the panel disposes of it. */
+    model: DistModel;
+    /** Insert `jd.Cluster.connect("<id>")` into the active notebook. */
+    onInsert: (clusterId: string) => void;
+  }
+}
