@@ -28,6 +28,14 @@ EXPECTED_TEXT = {
         "AttributeError: actor ps (ParameterServer) has no public method 'get_weights'",
         "ActorDiedError: actor ps was killed",
     ],
+    "04-monitoring": [
+        "engine 0: idle on",
+        "engine 1: idle on",
+        "total busy seconds: 4.0",
+        "Counter state: {'count': 3}",
+        "2 of 2 engines alive; tasks:",
+        "stopped",
+    ],
 }
 
 
