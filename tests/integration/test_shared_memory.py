@@ -38,7 +38,8 @@ def test_push_pull_scatter_gather_of_large_arrays_round_trip(cluster: jd.Cluster
 
 def test_a_stopped_cluster_leaves_no_shared_memory(fresh_cluster: jd.Cluster) -> None:
     value = fresh_cluster[1].apply(lambda n: np.ones(n, dtype=np.uint8), NBYTES)
-    assert value.nbytes == NBYTES and _segments(fresh_cluster)
+    assert value.nbytes == NBYTES
+    assert _segments(fresh_cluster)
     fresh_cluster.stop()
     assert _segments(fresh_cluster) == []
     assert int(value.sum()) == NBYTES  # the mapping outlives the file

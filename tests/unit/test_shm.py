@@ -29,7 +29,8 @@ def test_a_large_array_travels_by_name_and_comes_back_equal(pool: shm.SegmentPoo
     arr = np.arange(shm.SHM_MIN_NBYTES // 8 + 5, dtype=np.int64)
     small = np.arange(10)
     pickled, frames, descriptors = _send(pool, {"big": arr, "small": small})
-    assert frames == [] and len(descriptors) == 1  # the small one stays inside the pickle
+    assert frames == []
+    assert len(descriptors) == 1
     value = serialize.deserialize(pickled, shm.import_buffers(pool, frames, descriptors), "v")
     np.testing.assert_array_equal(value["big"], arr)
     np.testing.assert_array_equal(value["small"], small)
@@ -37,7 +38,8 @@ def test_a_large_array_travels_by_name_and_comes_back_equal(pool: shm.SegmentPoo
 
 def test_buffers_below_the_threshold_stay_frames(pool: shm.SegmentPool) -> None:
     _, frames, descriptors = _send(pool, np.zeros(100_000, dtype=np.uint8))
-    assert len(frames) == 1 and descriptors == []
+    assert len(frames) == 1
+    assert descriptors == []
     assert os.listdir(pool.directory) == []
 
 
@@ -55,7 +57,7 @@ def test_a_released_segment_returns_to_the_pool_and_is_reused(pool: shm.SegmentP
 
 
 def test_a_segment_is_received_once(pool: shm.SegmentPool) -> None:
-    pickled, frames, descriptors = _send(pool, np.ones(shm.SHM_MIN_NBYTES, dtype=np.uint8))
+    _pickled, frames, descriptors = _send(pool, np.ones(shm.SHM_MIN_NBYTES, dtype=np.uint8))
     kept = shm.import_buffers(pool, frames, descriptors)
     with pytest.raises(SerializationError, match="received once"):
         shm.import_buffers(pool, frames, descriptors)
