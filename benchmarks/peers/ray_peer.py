@@ -61,6 +61,8 @@ class Engine:
 
 def start(n: int) -> tuple[list[Any], float]:
     """Start Ray with ``n`` CPUs and ``n`` actors; ready means each has run a first call."""
+    if ray.is_initialized():
+        ray.shutdown()  # a start that failed half way
     begin = time.perf_counter()
     ray.init(num_cpus=n, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     actors = [Engine.options(num_cpus=0).remote() for _ in range(n)]
