@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import itertools
 import logging
+import os
 import time
-import uuid
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -118,9 +119,29 @@ class Message:
 _KNOWN_TYPES = frozenset(m.value for m in MsgType)
 
 
+class _IdSource:
+    """A random 64-bit prefix per process and a counter: unique ids without a syscall each.
+
+    ``uuid4()`` reads ``os.urandom`` for every id, a tenth of the client's
+    time per task at thousands of tasks per second. A forked child draws a
+    prefix of its own.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.prefix = os.urandom(8).hex()
+        self.counter = itertools.count()
+
+
+_ids = _IdSource()
+os.register_at_fork(after_in_child=_ids.reset)
+
+
 def new_id() -> str:
-    """A fresh unique id for messages, tasks and sessions."""
-    return uuid.uuid4().hex
+    """A fresh unique id for messages, tasks and sessions (32 hex digits, like a uuid's)."""
+    return f"{_ids.prefix}{next(_ids.counter):016x}"
 
 
 def _nbytes(buf: Buffer) -> int:
@@ -272,6 +293,18 @@ def unpack_or_drop(
         return None
 
 
+_SNDMORE = int(zmq.SNDMORE)
+
+
 def send(sock: zmq.Socket[Any], frames: Sequence[Buffer], idents: Sequence[bytes] = ()) -> None:
-    """Send packed frames; large buffers go without a copy (pyzmq copies small ones)."""
-    sock.send_multipart([*idents, *frames], copy=False)
+    """Send packed frames; large buffers go without a copy (pyzmq copies small ones).
+
+    Frame by frame with plain int flags: ``send_multipart`` checks every
+    part's type and ORs ``enum.Flag`` values per frame, which showed in
+    the controller's profile as a tenth of its time.
+    """
+    parts = [*idents, *frames]
+    last = parts.pop()
+    for part in parts:
+        sock.send(part, _SNDMORE, copy=False)
+    sock.send(last, 0, copy=False)

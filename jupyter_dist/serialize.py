@@ -16,6 +16,7 @@ import logging
 import pickle
 import sys
 import types
+import weakref
 from collections import ChainMap
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -57,7 +58,86 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
         torch = sys.modules.get("torch")
         if torch is not None and type(obj) is torch.Tensor:
             return _reduce_tensor(obj)
+        if type(obj) is types.FunctionType and self._is_caching_functions:
+            blob = _pickled_function(obj)
+            if blob is not None:
+                return _load_function, (blob,)
         return super().reducer_override(obj)
+
+    _is_caching_functions = True
+
+
+class _FunctionPickler(_Pickler):
+    """Pickles one function by value for the cache (never from the cache: that would recurse)."""
+
+    _is_caching_functions = False
+
+
+# A function defined in a notebook is pickled by value, which is most of the client's
+# time for a small task. Its pickle is kept while what it captured stays the same objects.
+_function_cache: weakref.WeakKeyDictionary[types.FunctionType, tuple[tuple[Any, ...], bytes]] = (
+    weakref.WeakKeyDictionary()
+)
+_IMMUTABLE = (int, float, complex, str, bytes, bool, type(None), types.ModuleType)
+
+
+def _is_stable(value: Any) -> bool:
+    """Whether a captured value cannot change unseen: the same object means the same pickle."""
+    if isinstance(value, _IMMUTABLE):
+        return True
+    if isinstance(value, types.FunctionType | type):
+        return bool(cloudpickle.cloudpickle._should_pickle_by_reference(value))
+    return False
+
+
+def _captured(fn: types.FunctionType) -> tuple[Any, ...] | None:
+    """Everything a by-value pickle of ``fn`` is made of, or None if some of it may change in place."""
+    if fn.__dict__:
+        return None
+    parts: list[Any] = [fn.__code__, fn.__defaults__, fn.__kwdefaults__]
+    for name in sorted(cloudpickle.cloudpickle._extract_code_globals(fn.__code__)):
+        value = fn.__globals__.get(name, _captured)  # a missing name: a builtin
+        if value is not _captured and not _is_stable(value):
+            return None
+        parts.append(value)
+    for cell in fn.__closure__ or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            return None
+        if not _is_stable(value):
+            return None
+        parts.append(value)
+    if any(not _is_stable(d) for d in (fn.__defaults__ or ())):
+        return None
+    if any(not _is_stable(d) for d in (fn.__kwdefaults__ or {}).values()):
+        return None
+    return tuple(parts)
+
+
+def _pickled_function(fn: types.FunctionType) -> bytes | None:
+    """The cached by-value pickle of ``fn``, made anew when what it captured changed."""
+    if cloudpickle.cloudpickle._should_pickle_by_reference(fn):
+        return None
+    captured = _captured(fn)
+    if captured is None:
+        return None
+    cached = _function_cache.get(fn)
+    if (
+        cached is not None
+        and len(cached[0]) == len(captured)
+        and all(a is b for a, b in zip(cached[0], captured, strict=True))
+    ):
+        return cached[1]
+    stream = io.BytesIO()
+    _FunctionPickler(stream, protocol=5).dump(fn)
+    blob = stream.getvalue()
+    _function_cache[fn] = (captured, blob)
+    return blob
+
+
+def _load_function(blob: bytes) -> Any:
+    return pickle.loads(blob)
 
 
 def _reduce_tensor(tensor: Any) -> tuple[Any, ...]:

@@ -16,6 +16,7 @@ changes the same state in one thread; the pure bookkeeping lives beside it
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import secrets
@@ -43,6 +44,7 @@ CHECK_INTERVAL_S = 0.25
 ORPHAN_TIMEOUT_S = 20.0
 PUBLISH_INTERVAL_S = 0.25
 SHUTDOWN_GRACE_S = 3.0
+GC_THRESHOLDS = (50_000, 20, 50)
 
 # Starts one local engine: (connection file, requested engine id) -> Popen-like handle.
 EngineStarter = Callable[[str, int | None], Any]
@@ -149,6 +151,11 @@ class Controller:
 
     def serve(self) -> None:
         """Run until shut down; then close sockets and remove the connection file."""
+        # The records kept here are long-lived and acyclic, and every message allocates;
+        # with CPython's default thresholds (a collection per 700 allocations) a profile
+        # at 3,000 tasks/s showed 30% of this process's time in the cyclic collector.
+        gc.set_threshold(*GC_THRESHOLDS)
+        gc.freeze()  # what start-up made is never garbage: keep it out of every scan
         try:
             self.loop.run()
         finally:

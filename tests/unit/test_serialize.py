@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sqlite3
 import sys
 import threading
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from jupyter_dist.errors import SerializationError
-from jupyter_dist.serialize import OUT_OF_BAND_MIN_NBYTES, deserialize, serialize
+from jupyter_dist.serialize import OUT_OF_BAND_MIN_NBYTES, _function_cache, deserialize, serialize
 
 LARGE_NBYTES = 4 * OUT_OF_BAND_MIN_NBYTES
 
@@ -355,3 +356,36 @@ def test_deserialize_fails_clearly_when_out_of_band_buffers_are_missing() -> Non
 
     with pytest.raises(SerializationError, match="Cannot load 'a'"):
         deserialize(pickled, [], "'a'")
+
+
+def _exec_function(source: str, namespace: dict) -> object:
+    """A function defined as in a notebook cell: its module is __main__, so it is pickled by value."""
+    namespace.setdefault("__name__", "__main__")
+    exec(source, namespace)
+    return namespace["f"]
+
+
+def _call(fn: object, *args: object) -> object:
+    pickled, raw = serialize(fn, "f")
+    return deserialize(pickled, raw, "f")(*args)
+
+
+def test_a_notebook_function_is_pickled_once_while_its_captures_stay_the_same() -> None:
+    ns: dict = {"math": math}
+    f = _exec_function("def f(x):\n    return math.floor(x) * scale\n", ns)
+    ns["scale"] = 2
+    assert _call(f, 3.5) == 6
+    first = _function_cache[f][1]
+    assert _call(f, 3.5) == 6
+    assert _function_cache[f][1] is first
+    ns["scale"] = 3  # a new object: the pickle is made anew
+    assert _call(f, 3.5) == 9
+
+
+def test_a_function_capturing_a_mutable_value_is_never_cached() -> None:
+    ns: dict = {"weights": [1, 2]}
+    f = _exec_function("def f():\n    return sum(weights)\n", ns)
+    assert _call(f) == 3
+    ns["weights"].append(10)  # changed in place: only a fresh pickle sees it
+    assert _call(f) == 13
+    assert f not in _function_cache
