@@ -244,7 +244,10 @@ def test_kernel_restart_reattaches_and_fetches_results(runtime_dir: Path) -> Non
         listing = session.run("%dist results").text()
         assert task_id in listing
         cluster_id = loaded.text().split()[3]
-        assert f"Connected to cluster {cluster_id}" in session.run(f"%dist connect {cluster_id}").text()
+        assert (
+            f"Connected to cluster {cluster_id}"
+            in session.run(f"%dist connect {cluster_id}").text()
+        )
     finally:
         session.run("%dist stop")
         session.close()
