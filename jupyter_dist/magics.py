@@ -87,6 +87,7 @@ def _dist_parser() -> _Parser:
     interrupt.add_argument(
         "--kill", action="store_true", help="kill and restart the engines instead"
     )
+    sub.add_parser("monitor", help="show the live monitor of engines, GPUs, actors and tasks")
     sub.add_parser("who", help="the names defined on the engines, with type and shape")
     results = sub.add_parser("results", help="recent tasks, or the result of one")
     results.add_argument("task_id", nargs="?", help="the task whose result to fetch")
@@ -220,6 +221,9 @@ class DistMagics(Magics):
             print(
                 f"{e.engine_id:>3} {e.host[:14]:14} {e.pid:>7} {state:20} {cpu:>6} {rss:>7} {gpus:14} {task}"
             )
+
+    def _dist_monitor(self, args: argparse.Namespace) -> Any:
+        return self._require_cluster().monitor()
 
     def _dist_restart(self, args: argparse.Namespace) -> None:
         cluster = self._require_cluster()

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-ALIGN_WAIT_S = 0.3
+ALIGN_WAIT_S = 0.5
 
 # (delay_s, callback) -> schedules a call on the I/O thread.
 CallLater = Callable[[float, Callable[[], None]], object]

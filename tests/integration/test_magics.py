@@ -184,6 +184,12 @@ def test_dist_status_who_and_help(kernel: KernelSession) -> None:
     line = next(li for li in who.splitlines() if li.startswith("only_on_one"))
     assert line.rstrip().endswith("1")
     assert "start" in kernel.run("%dist --help").text()
+    monitor = kernel.run("%dist monitor")
+    assert monitor.error is None
+    assert any(
+        "application/vnd.jupyter.widget-view+json" in o["content"]["data"]
+        for o in monitor.of_type("execute_result")
+    )
 
 
 def test_restart_replaces_an_engine_in_place(kernel: KernelSession) -> None:
