@@ -16,7 +16,9 @@ from collections.abc import Callable, Iterator, Sequence
 from jupyter_dist.controller.registry import EngineRecord
 from jupyter_dist.controller.tasks import TaskRecord
 
-PIPELINE_DEPTH = 8
+# 32, not 8: a deeper pipeline lets each process take several messages per wake-up;
+# 10,000 no-op tasks on 2 engines went from about 4,100 to 5,000-6,500 tasks/s.
+PIPELINE_DEPTH = 32
 
 AllowedKey = tuple[int, ...] | None
 

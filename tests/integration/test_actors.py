@@ -87,10 +87,17 @@ def test_calls_from_four_threads_keep_each_threads_order(cluster: jd.Cluster) ->
             f.result(timeout=30)
 
     threads = [threading.Thread(target=caller, args=(k,)) for k in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    # A call is quick enough now that one thread can make all of its 200 within one GIL
+    # switch interval (5 ms); switch far more often so that the threads do interleave.
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        sys.setswitchinterval(interval)
     history = counter.read_history().result(timeout=10)
     assert len(history) == 800
     for k in range(4):
