@@ -80,24 +80,21 @@ def test_thousand_ordered_calls_end_in_the_expected_state(cluster: jd.Cluster) -
 
 def test_calls_from_four_threads_keep_each_threads_order(cluster: jd.Cluster) -> None:
     counter = cluster.actor(Counter)
+    rounds = threading.Barrier(4, timeout=30)
 
     def caller(k: int) -> None:
-        futures = [counter.record(k, seq) for seq in range(200)]
+        futures = []
+        for start in range(0, 200, 20):
+            futures += [counter.record(k, seq) for seq in range(start, start + 20)]
+            rounds.wait()  # every thread sends a batch before any sends its next: they interleave
         for f in futures:
             f.result(timeout=30)
 
     threads = [threading.Thread(target=caller, args=(k,)) for k in range(4)]
-    # A call is quick enough now that one thread can make all of its 200 within one GIL
-    # switch interval (5 ms); switch far more often so that the threads do interleave.
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-5)
-    try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-    finally:
-        sys.setswitchinterval(interval)
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
     history = counter.read_history().result(timeout=10)
     assert len(history) == 800
     for k in range(4):
