@@ -31,6 +31,7 @@ class EngineRecord:
     exit_code: int | None = None
     process: Any = None  # a Popen-like handle when this controller started the engine
     metrics: dict[str, Any] = field(default_factory=dict)  # from the latest heartbeat
+    heartbeats: int = 0  # received so far (the controller answers every few)
 
     @property
     def state(self) -> EngineState:

@@ -193,6 +193,11 @@ class ActorHost:
                 time.time(),
             )
 
+    @property
+    def has_actors(self) -> bool:
+        """Whether any actor lives here (the engine watches states only then)."""
+        return bool(self._actors)
+
     def changed_states(self) -> list[tuple[str, dict[str, Any]]]:
         """(actor id, state) for each actor whose state changed since last asked (I/O thread)."""
         changed = []

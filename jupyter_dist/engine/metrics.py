@@ -10,6 +10,9 @@ import psutil
 from jupyter_dist.engine.gpus import GpuProbe, NvmlGpuProbe
 
 
+RSS_GRANULE_NBYTES = 64 * 1024
+
+
 class MetricsSampler:
     """Builds the ``metrics`` dict an engine's heartbeat carries; called on the I/O thread.
 
@@ -30,7 +33,9 @@ class MetricsSampler:
             rss_bytes = self.process.memory_info().rss
         return {
             "cpu_percent": cpu_percent,
-            "rss_bytes": rss_bytes,
+            # To 64 KiB: an idle engine's RSS moves by a page or two now and then, and
+            # each move made the controller publish the whole state again.
+            "rss_bytes": rss_bytes - rss_bytes % RSS_GRANULE_NBYTES,
             "gpus": self.gpus.sample(self.pid),
         }
 
