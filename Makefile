@@ -4,6 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CHROMIUM := /usr/bin/chromium
+# Jupyter refuses to run as root unless told; containers and CI machines often are root.
+ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root,)
 LABEXT_SOURCES := labextension/package.json labextension/tsconfig.json $(wildcard labextension/src/* labextension/style/*)
 
 .PHONY: lab test lint unit integration bench clean
@@ -16,7 +18,7 @@ $(STAMP): pyproject.toml $(LABEXT_SOURCES)
 	touch $(STAMP)
 
 lab: $(STAMP)
-	$(BIN)/jupyter lab --ip=127.0.0.1 --no-browser --ServerApp.root_dir=notebooks
+	$(BIN)/jupyter lab --ip=127.0.0.1 --no-browser $(ALLOW_ROOT) --ServerApp.root_dir=notebooks
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check jupyter_dist tests
