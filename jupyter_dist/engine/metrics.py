@@ -9,7 +9,6 @@ import psutil
 
 from jupyter_dist.engine.gpus import GpuProbe, NvmlGpuProbe
 
-
 RSS_GRANULE_NBYTES = 64 * 1024
 
 
