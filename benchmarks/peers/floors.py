@@ -26,8 +26,8 @@ from benchmarks.measure import Samples, mb_per_s, peer_main, record, timed_ms
 
 def _broker(client_url: Any, worker_url: Any) -> None:
     ctx = zmq.Context()
-    front = ctx.socket(zmq.ROUTER)
-    back = ctx.socket(zmq.DEALER)
+    front = _unbounded(ctx.socket(zmq.ROUTER))
+    back = _unbounded(ctx.socket(zmq.DEALER))
     client_url.put(f"tcp://127.0.0.1:{front.bind_to_random_port('tcp://127.0.0.1')}")
     worker_url.put(f"tcp://127.0.0.1:{back.bind_to_random_port('tcp://127.0.0.1')}")
     poller = zmq.Poller()
@@ -45,9 +45,17 @@ def _broker(client_url: Any, worker_url: Any) -> None:
                 (back if sock is front else front).send_multipart(frames, copy=False)
 
 
+def _unbounded(sock: zmq.Socket) -> zmq.Socket:
+    """No high-water mark, as in the controller: a ROUTER drops what a full pipe cannot take,
+    and one dropped message of a pipelined burst would leave the client waiting forever."""
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    return sock
+
+
 def _echo_worker(url: str) -> None:
     ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
+    sock = _unbounded(ctx.socket(zmq.DEALER))
     sock.connect(url)
     while True:
         frames = sock.recv_multipart(copy=False)
@@ -63,7 +71,8 @@ def broker_floor(sizes: Sizes, samples: Samples) -> None:
     worker = mp.Process(target=_echo_worker, args=(back,), daemon=True)
     worker.start()
     ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
+    sock = _unbounded(ctx.socket(zmq.DEALER))
+    sock.setsockopt(zmq.RCVTIMEO, 30_000)  # a lost message fails the floor, never hangs the run
     sock.connect(front)
     payload = [b"header" * 20, b"x" * 200]
 
