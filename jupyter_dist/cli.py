@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from jupyter_dist import connection_file
 from jupyter_dist.errors import JupyterDistError
@@ -105,6 +106,20 @@ def _cmd_engine(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_engine_template(args: argparse.Namespace) -> int:
+    _configure_logging(args.log_level)
+    # Imported here, once: every engine forked below shares these pages.
+    from jupyter_dist.engine.app import Engine
+    from jupyter_dist.launchers import template
+
+    def run_engine(request: dict[str, Any]) -> int:
+        Engine(connection_file.read(request["connection_file"]), request["engine_id"]).run()
+        return 0
+
+    template.serve(run_engine)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jupyter-dist", description="Start and manage jupyter-dist clusters."
@@ -150,6 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--engine-id", type=int, default=None)
     engine.add_argument("--log-level", default="INFO")
     engine.set_defaults(run=_cmd_engine)
+
+    engine_template = sub.add_parser(
+        "engine-template", help="fork local engines on request (the controller runs this)"
+    )
+    engine_template.add_argument("--log-level", default="INFO")
+    engine_template.set_defaults(run=_cmd_engine_template)
     return parser
 
 

@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from jupyter_dist.launchers.template import EngineTemplate, ForkedEngine
+
 logger = logging.getLogger(__name__)
 
 
@@ -50,8 +52,53 @@ def start_controller(
 
 def start_engine(
     connection_path: str, engine_id: int | None, log_level: str = "INFO"
+) -> LocalProcess | ForkedEngine:
+    """Start one engine that connects with ``connection_path`` (asking for ``engine_id``).
+
+    Forked from this process's engine template (started on first use),
+    or started fresh when the template cannot be had.
+    """
+    log_path = _engine_log_path(connection_path)
+    template = _template_for(log_level)
+    if template is not None:
+        request = {"connection_file": connection_path, "engine_id": engine_id}
+        try:
+            pid = template.fork({**request, "log_path": str(log_path)})
+        except (OSError, TimeoutError) as e:
+            logger.warning("the engine template failed (%s); starting engines fresh", e)
+            _templates.pop(log_level, None)
+        else:
+            logger.info("forked engine pid %d from the template (log %s)", pid, log_path)
+            return ForkedEngine(template, pid, str(log_path))
+    return _spawn_engine(connection_path, engine_id, log_level, log_path)
+
+
+_templates: dict[str, EngineTemplate] = {}
+
+
+def _template_for(log_level: str) -> EngineTemplate | None:
+    """This process's engine template (one per log level), started on first use."""
+    template = _templates.get(log_level)
+    if template is not None and template.is_alive():
+        return template
+    args = [sys.executable, "-m", "jupyter_dist.cli", "engine-template", "--log-level", log_level]
+    try:
+        template = EngineTemplate(args)
+    except OSError as e:
+        logger.warning("cannot start the engine template (%s); starting engines fresh", e)
+        return None
+    _templates[log_level] = template
+    return template
+
+
+def _engine_log_path(connection_path: str) -> Path:
+    stem = Path(connection_path).with_suffix("")
+    return Path(f"{stem}-engine-{len(list(stem.parent.glob(stem.name + '-engine-*.log')))}.log")
+
+
+def _spawn_engine(
+    connection_path: str, engine_id: int | None, log_level: str, log_path: Path
 ) -> LocalProcess:
-    """Start one engine that connects with ``connection_path`` (asking for ``engine_id``)."""
     args = [
         sys.executable,
         "-m",
@@ -64,9 +111,4 @@ def start_engine(
     ]
     if engine_id is not None:
         args += ["--engine-id", str(engine_id)]
-    stem = Path(connection_path).with_suffix("")
-    return _spawn(
-        args,
-        Path(f"{stem}-engine-{len(list(stem.parent.glob(stem.name + '-engine-*.log')))}.log"),
-        new_session=False,
-    )
+    return _spawn(args, log_path, new_session=False)
