@@ -6,7 +6,8 @@ Output is routed by the parent header of the cell that submitted the work
 engine; a line that every engine of a broadcast printed alike is shown
 once, tagged with the range (``[0-3] epoch 1``). To see that, a line waits
 until each engine still running has printed its line at the same position,
-or ``ALIGN_WAIT_S`` at most. Runs on the client's I/O thread.
+or ``ALIGN_WAIT_S`` at most (``FIRST_LINE_WAIT_S`` while an engine has not
+printed at all yet). Runs on the client's I/O thread.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 ALIGN_WAIT_S = 0.5
+FIRST_LINE_WAIT_S = 2.0
 
 # (delay_s, callback) -> schedules a call on the I/O thread.
 CallLater = Callable[[float, Callable[[], None]], object]
@@ -154,12 +156,23 @@ class OutputRouter:
             group.is_flush_scheduled = False
             now = time.monotonic()
             for name, streams in group.streams.items():
-                if any(ls.complete and now - ls.since >= ALIGN_WAIT_S for ls in streams.values()):
+                wait_s = self._align_wait_s(group, streams)
+                if any(ls.complete and now - ls.since >= wait_s for ls in streams.values()):
                     self._emit(group, name, aligned_only=False)
             if any(ls.complete for streams in group.streams.values() for ls in streams.values()):
                 self._schedule_flush(group)
 
         self._call_later(ALIGN_WAIT_S, flush_stale)
+
+    @staticmethod
+    def _align_wait_s(group: OutputGroup, streams: dict[int, _EngineLines]) -> float:
+        """How long a line waits for the same line from the other engines.
+
+        Longer while an engine still running has printed nothing on this
+        stream: engines start apart by more than lines drift apart later.
+        """
+        running = [e for e in group.engine_ids or [] if e not in group.done_engines]
+        return FIRST_LINE_WAIT_S if any(e not in streams for e in running) else ALIGN_WAIT_S
 
     def _flush(self, group: OutputGroup) -> None:
         for name in group.streams:
