@@ -111,21 +111,44 @@ class SegmentPool:
         nbytes = src.nbytes
         name = f"{self._prefix}{uuid.uuid4().hex}"
         path = self._path(name)
-        if not self._take_free(nbytes, path):
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            try:
-                os.ftruncate(fd, nbytes)
-            finally:
-                os.close(fd)
-        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
-        try:
-            # MAP_POPULATE maps every page in one call instead of one fault each.
-            mm = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
-        finally:
-            os.close(fd)
+        mm = self._map_new(path, nbytes)
         with mm, memoryview(mm) as dst:
             _copy(dst, src)
         return [name, nbytes, shared]
+
+    def allocate(self, nbytes: int) -> memoryview:
+        """A writable buffer of ``nbytes`` in a segment of this process's own, pooled again when unused.
+
+        For a value built here from parts (a gather): reused pages take the
+        copy at memory speed, where fresh memory first pays a fault for
+        every 4 KiB. Raises ``OSError`` when shared memory is full.
+        """
+        name = f"{self._prefix}{uuid.uuid4().hex}"
+        path = self._path(name)
+        mm = self._map_new(path, nbytes)
+        self._hold(path, name, mm)
+        return memoryview(mm)
+
+    def _map_new(self, path: str, nbytes: int) -> mmap.mmap:
+        """Map a free segment renamed to ``path``, or a new one; all its pages are allocated."""
+        if not self._take_free(nbytes, path):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            try:
+                # Allocated now, not at first write: writing a page that a full /dev/shm
+                # cannot hold would kill this process with SIGBUS (a Docker container's
+                # /dev/shm is 64 MB). ENOSPC here instead sends the buffer as a frame.
+                os.posix_fallocate(fd, 0, nbytes)
+            except OSError:
+                os.close(fd)
+                os.unlink(path)
+                raise
+            os.close(fd)
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+        try:
+            # MAP_POPULATE maps every page in one call instead of one fault each.
+            return mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
+        finally:
+            os.close(fd)
 
     def _take_free(self, nbytes: int, path: str) -> bool:
         """Rename the smallest free segment that fits (at most twice as big) to ``path``."""
@@ -177,10 +200,14 @@ class SegmentPool:
         finally:
             os.close(fd)
         if not shared:
-            held = f"{path}.held"
-            os.rename(path, held)
-            weakref.finalize(mm, self._release, held, name)
+            self._hold(path, name, mm)
         return memoryview(mm)
+
+    def _hold(self, path: str, name: str, mm: mmap.mmap) -> None:
+        """Rename the segment as taken; put it into the pool once nothing uses ``mm``."""
+        held = f"{path}.held"
+        os.rename(path, held)
+        weakref.finalize(mm, self._release, held, name)
 
     def _release(self, held: str, name: str) -> None:
         """Put a segment nobody maps any more into the pool, or remove it if the pool is full."""
@@ -230,10 +257,24 @@ def export_buffers(
     descriptors: list[list[Any]] = []
     for index, buf in enumerate(raw):
         if buf.nbytes >= SHM_MIN_NBYTES:
-            descriptors.append([index, *pool.export(buf, shared)])
-        else:
-            frames.append(buf)
+            try:
+                descriptors.append([index, *pool.export(buf, shared)])
+                continue
+            except OSError as e:  # /dev/shm full: the socket still works
+                logger.warning(
+                    "shared memory refused %d bytes (%s); sent as a frame", buf.nbytes, e
+                )
+        frames.append(buf)
     return frames, descriptors
+
+
+def copy_into(dst: memoryview, parts: Sequence[memoryview]) -> None:
+    """Copy ``parts`` back to back into ``dst`` (large ones on two threads)."""
+    offset = 0
+    for part in parts:
+        src = part.cast("B") if part.format != "B" or part.ndim != 1 else part
+        _copy(dst[offset : offset + src.nbytes], src)
+        offset += src.nbytes
 
 
 def import_buffers(

@@ -7,9 +7,10 @@ arrays and tensors are views, so scattering copies nothing here.
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+from jupyter_dist import shm
 from jupyter_dist.errors import JupyterDistError
 
 
@@ -37,8 +38,18 @@ def split(seq: Any, parts: int, name: str) -> list[Any]:
         ) from e
 
 
-def join(chunks: Sequence[Any], name: str) -> Any:
-    """Join chunks in order into one value of their type."""
+# (nbytes) -> a writable buffer that outlives the call (SegmentPool.allocate).
+Allocator = Callable[[int], memoryview]
+
+
+def join(chunks: Sequence[Any], name: str, allocate: Allocator | None = None) -> Any:
+    """Join chunks in order into one value of their type.
+
+    Large numpy chunks are copied into a buffer from ``allocate`` when one
+    is given: pages reused from the shared-memory pool take the copy at
+    memory speed, where ``numpy.concatenate`` into fresh memory first pays
+    a page fault per 4 KiB (24 of a 100 MB gather's 47 ms).
+    """
     if not chunks:
         return []
     first = chunks[0]
@@ -48,7 +59,7 @@ def join(chunks: Sequence[Any], name: str) -> Any:
         return tuple(item for chunk in chunks for item in chunk)
     numpy = sys.modules.get("numpy")
     if numpy is not None and isinstance(first, numpy.ndarray):
-        return numpy.concatenate(chunks)
+        return _join_arrays(numpy, chunks, allocate)
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(first, torch.Tensor):
         return torch.cat(list(chunks))
@@ -56,3 +67,24 @@ def join(chunks: Sequence[Any], name: str) -> Any:
         f"Cannot gather {name!r}: the engines hold {type(first).__name__} values, "
         "not lists, tuples, numpy arrays or torch tensors. Use `c.pull(...)` to get each engine's value."
     )
+
+
+def _join_arrays(numpy: Any, chunks: Sequence[Any], allocate: Allocator | None) -> Any:
+    first = chunks[0]
+    rows = sum(len(c) for c in chunks)
+    nbytes = rows * first[:1].nbytes if len(first) else 0
+    is_plain = all(
+        isinstance(c, numpy.ndarray)
+        and c.dtype == first.dtype
+        and c.shape[1:] == first.shape[1:]
+        and c.flags.c_contiguous
+        for c in chunks
+    )
+    if allocate is None or not is_plain or first.dtype.hasobject or nbytes < shm.SHM_MIN_NBYTES:
+        return numpy.concatenate(chunks)
+    try:
+        buf = allocate(nbytes)
+    except OSError:  # shared memory full
+        return numpy.concatenate(chunks)
+    shm.copy_into(buf, [memoryview(c.reshape(-1).view(numpy.uint8)) for c in chunks])
+    return numpy.frombuffer(buf, dtype=first.dtype).reshape((rows, *first.shape[1:]))

@@ -209,8 +209,14 @@ class View:
 
     def gather(self, name: str, block: bool = True) -> Any:
         """Join the engines' values of ``name`` (in engine order) into one sequence of the same type."""
+        pool = self._cluster.connection.shm_pool
+        allocate = pool.allocate if pool is not None else None
         future = self._broadcast(
-            "pull", None, "", lambda vs: sequences.join([v[0] for v in vs], name), names=[name]
+            "pull",
+            None,
+            "",
+            lambda vs: sequences.join([v[0] for v in vs], name, allocate),
+            names=[name],
         )
         return self._finish(future, block)
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from jupyter_dist import serialize, shm
+from jupyter_dist.client import sequences
 from jupyter_dist.errors import SerializationError
 
 
@@ -107,3 +108,30 @@ def test_pickle_of_a_mapped_array_is_an_ordinary_copy(pool: shm.SegmentPool) -> 
     pickled, frames, descriptors = _send(pool, np.arange(shm.SHM_MIN_NBYTES, dtype=np.uint8))
     value = serialize.deserialize(pickled, shm.import_buffers(pool, frames, descriptors), "v")
     np.testing.assert_array_equal(pickle.loads(pickle.dumps(value)), value)
+
+
+def test_a_full_shared_memory_sends_the_buffer_as_a_frame(
+    pool: shm.SegmentPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full(fd: int, offset: int, nbytes: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)  # stands in for a full /dev/shm
+    arr = np.ones(shm.SHM_MIN_NBYTES, dtype=np.uint8)
+    pickled, frames, descriptors = _send(pool, arr)
+    assert descriptors == []
+    assert len(frames) == 1
+    assert os.listdir(pool.directory) == []
+    np.testing.assert_array_equal(serialize.deserialize(pickled, frames, "v"), arr)
+
+
+def test_a_gather_joins_large_parts_in_a_pooled_segment(pool: shm.SegmentPool) -> None:
+    parts = [np.arange(300_000, dtype=np.float64).reshape(-1, 3) + k for k in range(3)]
+    joined = sequences.join(parts, "x", pool.allocate)
+    np.testing.assert_array_equal(joined, np.concatenate(parts))
+    assert [e.endswith(".held") for e in os.listdir(pool.directory)] == [True]
+    del joined
+    gc.collect()
+    assert os.listdir(pool.directory)[0].startswith("jd-c0ffee-free-")
+    small = [np.arange(3), np.arange(2)]
+    np.testing.assert_array_equal(sequences.join(small, "y", pool.allocate), np.r_[0:3, 0:2])
