@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+import psutil
 import pytest
 
 
@@ -16,3 +17,21 @@ def poll_for(
         if time.monotonic() > deadline:
             pytest.fail(f"{what} not reached after {timeout_s} s")
         time.sleep(period_s)
+
+
+def wait_for_exit(pids: list[int], timeout_s: float, period_s: float = 0.02) -> list[int]:
+    """Wait until each process has exited (a zombie counts as exited); return those still alive."""
+    deadline = time.monotonic() + timeout_s
+    alive = list(pids)
+    while True:
+        alive = [pid for pid in alive if _is_running(pid)]
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(period_s)
+
+
+def _is_running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
