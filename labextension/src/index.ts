@@ -7,10 +7,11 @@ import {
   JupyterFrontEnd,
   JupyterFrontEndPlugin
 } from '@jupyterlab/application';
+import { Notification } from '@jupyterlab/apputils';
 import { INotebookTracker, NotebookActions } from '@jupyterlab/notebook';
-import { clusterIcon } from './icon';
 
 import { DistConnection } from './connection';
+import { clusterIcon } from './icon';
 import { DistModel } from './model';
 import { DistPanel } from './panel';
 
@@ -33,11 +34,18 @@ const plugin: JupyterFrontEndPlugin<void> = {
     app.commands.addCommand(CommandIDs.insertConnect, {
       label: 'Insert a cell that connects to a jupyter-dist cluster',
       isEnabled: () => notebooks.currentWidget !== null,
-      execute: args => {
+      execute: async args => {
         const notebook = notebooks.currentWidget;
         if (!notebook) {
+          Notification.warning(
+            'Open a notebook first: "Insert connect" adds a cell to the active notebook.',
+            { autoClose: 5000 }
+          );
           return;
         }
+        // Until the file has loaded, the notebook shows a placeholder cell, and
+        // loading replaces every cell: one inserted now would vanish.
+        await notebook.context.ready;
         const clusterId = String(args.cluster_id ?? '');
         NotebookActions.insertBelow(notebook.content);
         const cell = notebook.content.activeCell;

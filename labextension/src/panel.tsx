@@ -8,6 +8,9 @@ import React from 'react';
 import { DistModel } from './model';
 import { IActor, ICluster, IEngine, IGpu } from './types';
 
+/** The most engines the server starts in one cluster (MAX_ENGINES in handlers.py). */
+const MAX_ENGINES = 256;
+
 function formatBytes(nbytes: number | null): string {
   if (nbytes === null) {
     return '-';
@@ -88,14 +91,16 @@ function EngineRows(props: {
         <div className="jp-dist-EngineHost">{engine.host}</div>
       </td>
       <td className="jp-dist-EngineState">{engine.state}</td>
-      <td>
+      <td className="jp-dist-Cpu">
         <Bar
           kind="cpu"
           percent={engine.cpu_percent ?? 0}
           label={engine.cpu_percent === null ? '-' : `${engine.cpu_percent}%`}
         />
+        <div className="jp-dist-Memory" title="memory (resident set)">
+          {formatBytes(engine.rss_bytes)}
+        </div>
       </td>
-      <td className="jp-dist-Memory">{formatBytes(engine.rss_bytes)}</td>
       <td className="jp-dist-Task" title={engine.task_id ?? ''}>
         {engine.task_id ? engine.task_id.slice(0, 8) : ''}
         {engine.queued ? ` +${engine.queued}` : ''}
@@ -104,6 +109,7 @@ function EngineRows(props: {
         <button
           className="jp-mod-styled jp-dist-RestartButton"
           title={`Restart engine ${engine.engine_id}`}
+          aria-label={`Restart engine ${engine.engine_id}`}
           disabled={props.isBusy}
           onClick={props.onRestart}
         >
@@ -116,7 +122,7 @@ function EngineRows(props: {
     rows.push(
       <tr key="gpus" className="jp-dist-GpuRow">
         <td />
-        <td colSpan={5}>
+        <td colSpan={4}>
           {engine.gpus.map(gpu => (
             <GpuBars key={gpu.uuid || gpu.index} gpu={gpu} />
           ))}
@@ -203,8 +209,7 @@ function ClusterView(props: {
           <tr>
             <th>id</th>
             <th>state</th>
-            <th>CPU</th>
-            <th>memory</th>
+            <th title="CPU, and memory below it">CPU</th>
             <th>task</th>
             <th />
           </tr>
@@ -228,7 +233,10 @@ function ClusterView(props: {
 }
 
 function StartForm(props: { model: DistModel }) {
-  const [n, setN] = React.useState(2);
+  // The text as typed: clamping on each keystroke would turn "clear, type 1" into 11.
+  const [count, setCount] = React.useState('2');
+  const n = Number(count);
+  const isValid = Number.isInteger(n) && n >= 1 && n <= MAX_ENGINES;
   return (
     <div className="jp-dist-StartForm">
       <label>
@@ -237,14 +245,15 @@ function StartForm(props: { model: DistModel }) {
           className="jp-dist-EngineCount"
           type="number"
           min={1}
-          max={256}
-          value={n}
-          onChange={e => setN(Math.max(1, Number(e.target.value) || 1))}
+          max={MAX_ENGINES}
+          value={count}
+          title={`From 1 to ${MAX_ENGINES} engines`}
+          onChange={e => setCount(e.target.value)}
         />
       </label>
       <button
         className="jp-mod-styled jp-mod-accept jp-dist-StartButton"
-        disabled={props.model.isBusy}
+        disabled={props.model.isBusy || !isValid}
         onClick={() => void props.model.startCluster(n)}
       >
         Start cluster
