@@ -30,7 +30,6 @@ class ActorRecord:
     pending: set[str] = field(default_factory=set)
     calls_done: int = 0
     state: dict[str, Any] | None = None
-    is_ready: bool = False
     death: str = ""  # why it is gone; empty while it lives
 
     @property

@@ -65,10 +65,16 @@ class _TaskQueue:
     def take_back(self, task_ids: list[str]) -> list[str]:
         """Remove the named tasks that have not started; return their ids."""
         wanted = set(task_ids)
+        kept: deque[Message | None] = deque()
+        taken: list[str] = []
         with self._ready:
-            kept = [m for m in self._items if m is None or m.content.get("task_id") not in wanted]
-            taken = [m.content["task_id"] for m in self._items if m is not None and m not in kept]
-            self._items = deque(kept)
+            for msg in self._items:
+                task_id = msg.content.get("task_id") if msg is not None else None
+                if task_id in wanted:
+                    taken.append(task_id)
+                else:
+                    kept.append(msg)
+            self._items = kept
         return taken
 
 
