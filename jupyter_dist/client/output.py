@@ -67,7 +67,7 @@ class OutputGroup:
     label: str = ""  # tags the output instead of engine ids (an actor's name)
     streams: dict[str, dict[int, _EngineLines]] = field(default_factory=dict)
     done_engines: set[int] = field(default_factory=set)
-    open_tasks: int = 0
+    open_tasks: int = 0  # a broadcast counts its engines from the start (see ``new_group``)
     is_flush_scheduled: bool = False
 
 
@@ -80,10 +80,16 @@ class OutputRouter:
 
     def new_group(self, engine_ids: list[int] | None, label: str = "") -> OutputGroup:
         """A group for output of work submitted now, from this thread's cell."""
-        return OutputGroup(current_destination(), engine_ids, label)
+        group = OutputGroup(current_destination(), engine_ids, label)
+        # Counted now, not as each task is registered on the I/O thread: one engine's
+        # reply may come back before the next engine's task is even registered, and
+        # the group would end early, showing that engine's lines unmerged.
+        group.open_tasks = len(engine_ids) if engine_ids is not None else 0
+        return group
 
     def add_task(self, task_id: str, group: OutputGroup) -> None:
-        group.open_tasks += 1
+        if group.engine_ids is None:
+            group.open_tasks += 1
         self._groups[task_id] = group
 
     def on_stream(self, task_id: str, engine_id: int, name: str, text: str) -> None:
