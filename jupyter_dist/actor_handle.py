@@ -27,17 +27,19 @@ class ActorCaller(Protocol):
     def kill_actor(self, actor_id: str) -> Future: ...
 
 
-_callers: dict[str, ActorCaller] = {}
+# Per cluster, this process's open links to it, newest last: closing one leaves the others.
+_callers: dict[str, list[ActorCaller]] = {}
 
 
 def register_caller(cluster_id: str, caller: ActorCaller) -> None:
     """Make ``caller`` send the calls of this process's handles to actors of ``cluster_id``."""
-    _callers[cluster_id] = caller
+    _callers.setdefault(cluster_id, []).append(caller)
 
 
 def unregister_caller(cluster_id: str, caller: ActorCaller) -> None:
-    if _callers.get(cluster_id) is caller:
-        del _callers[cluster_id]
+    callers = _callers.get(cluster_id, [])
+    if caller in callers:
+        callers.remove(caller)
 
 
 class ActorHandle:
@@ -85,13 +87,13 @@ class ActorHandle:
         return self.name or self.class_name
 
     def _caller(self) -> ActorCaller:
-        caller = _callers.get(self.cluster_id)
-        if caller is None:
+        callers = _callers.get(self.cluster_id)
+        if not callers:
             raise ClusterError(
                 f"This handle of actor {self.label} belongs to cluster {self.cluster_id!r}, which this process "
                 f"is not connected to. Connect first: `jd.Cluster.connect({self.cluster_id!r})`."
             )
-        return caller
+        return callers[-1]
 
     def __getattr__(self, method: str) -> Callable[..., Future]:
         if method.startswith("_") or method not in self.methods:
