@@ -56,6 +56,7 @@ class IOLoop:
         self._poller.register(self._wake_r, zmq.POLLIN)
         self._is_wake_pending = False
         self._is_running = False
+        self._turn_end: list[Callable[[], Any]] = []
 
     def add_socket(
         self, sock: zmq.Socket[Any], on_message: Callable[[list[zmq.Frame]], None]
@@ -71,6 +72,13 @@ class IOLoop:
     def remove_socket(self, sock: zmq.Socket[Any]) -> None:
         if self._readers.pop(sock, None) is not None:
             self._poller.unregister(sock)
+
+    def at_turn_end(self, callback: Callable[[], Any]) -> None:
+        """Run ``callback`` after every turn of the loop: after its readers, calls and timers.
+
+        An ``Outbox`` flushes here, so whatever a turn sent leaves together.
+        """
+        self._turn_end.append(callback)
 
     def call_later(self, delay_s: float, callback: Callable[[], Any]) -> Timer:
         """Run ``callback`` on the loop's thread after ``delay_s`` seconds (loop thread only)."""
@@ -112,6 +120,8 @@ class IOLoop:
                     self._receive(sock, reader)
             self._run_handed_over()
             self._run_due_timers()
+            for callback in self._turn_end:
+                self._run_guarded(callback)
 
     def _receive(
         self, sock: zmq.Socket[Any], on_message: Callable[[list[zmq.Frame]], None]

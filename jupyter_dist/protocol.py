@@ -12,6 +12,12 @@ they are not hashed (that would cost more than sending them); their count
 and sizes are in the signed header, so none can be added, dropped or
 resized unseen. A message that fails any check raises ``ProtocolError``
 before anything in it is decoded further or unpickled.
+
+Several messages to the same peer in one turn of a process's loop travel
+as one ``batch`` message (see ``outbox.py``): its content lists each
+message's four packed maps, its buffers are theirs, signed buffers first,
+and one signature covers them all. ``unpack_or_drop`` gives the messages
+back one by one, checked like single ones, so only the wire knows of it.
 """
 
 from __future__ import annotations
@@ -74,6 +80,7 @@ class MsgType(StrEnum):
     SHUTDOWN_REQUEST = "shutdown_request"  # client -> controller, controller -> engine
     SHUTDOWN_REPLY = "shutdown_reply"
     STATE = "state"  # controller PUB: the cluster's state for monitors
+    BATCH = "batch"  # several messages to one peer, signed once (never nested)
 
 
 class Header(TypedDict):
@@ -89,15 +96,29 @@ class Header(TypedDict):
 
 
 @dataclass(slots=True)
+class Envelope:
+    """A message ready to go: its four maps packed, its buffers as given or received.
+
+    It is signed when it is sent, alone or in a batch. One that arrived alone
+    keeps its signature, so forwarding it unchanged costs no new HMAC.
+    """
+
+    body: list[Buffer]  # header, parent, metadata, content (msgpack)
+    signed: list[Buffer]
+    raw: list[Buffer]
+    signature: bytes | None = None
+
+
+@dataclass(slots=True)
 class Message:
-    """A parsed, verified message. ``frames`` keeps the wire frames for forwarding."""
+    """A parsed, verified message. ``envelope`` keeps it as it came, for forwarding."""
 
     header: Header
     parent: dict[str, Any]
     metadata: dict[str, Any]
     content: dict[str, Any]
     buffers: list[memoryview]
-    frames: list[Buffer] = field(repr=False)
+    envelope: Envelope = field(repr=False)
 
     @property
     def msg_type(self) -> str:
@@ -117,6 +138,7 @@ class Message:
 
 
 _KNOWN_TYPES = frozenset(m.value for m in MsgType)
+_BATCHED_TYPES = _KNOWN_TYPES - {MsgType.BATCH.value}
 
 
 class _IdSource:
@@ -179,7 +201,7 @@ class Session:
             h.update(_as_view(part))
         return h.hexdigest().encode()
 
-    def pack(
+    def envelope(
         self,
         msg_type: MsgType,
         content: dict[str, Any],
@@ -188,9 +210,8 @@ class Session:
         signed_buffers: Sequence[Buffer] = (),
         raw_buffers: Sequence[Buffer] = (),
         msg_id: str | None = None,
-    ) -> list[Buffer]:
-        """Build the frames of a message, from the delimiter on (no routing ids)."""
-        buffers = [*signed_buffers, *raw_buffers]
+    ) -> Envelope:
+        """Pack a new message's maps; it is signed when it is sent (``frames``)."""
         header: Header = {
             "msg_id": msg_id or new_id(),
             "msg_type": str(msg_type),
@@ -198,7 +219,7 @@ class Session:
             "version": PROTOCOL_VERSION,
             "date": time.time(),
             "signed_buffers": len(signed_buffers),
-            "buffer_sizes": [_nbytes(b) for b in buffers],
+            "buffer_sizes": [_nbytes(b) for b in (*signed_buffers, *raw_buffers)],
         }
         body: list[Buffer] = [
             msgpack.packb(header),
@@ -206,40 +227,50 @@ class Session:
             msgpack.packb(metadata or {}),
             msgpack.packb(content),
         ]
-        signature = self._sign([*body, *signed_buffers])
-        return [DELIM, signature, *body, *buffers]
+        return Envelope(body, list(signed_buffers), list(raw_buffers))
+
+    def frames(self, envelopes: Sequence[Envelope]) -> list[Buffer]:
+        """The wire frames, from the delimiter on, of one message or of a batch of several."""
+        if len(envelopes) == 1:
+            env = envelopes[0]
+            signature = env.signature or self._sign([*env.body, *env.signed])
+            return [DELIM, signature, *env.body, *env.signed, *env.raw]
+        return self.pack(
+            MsgType.BATCH,
+            {"messages": [env.body for env in envelopes]},
+            signed_buffers=[b for env in envelopes for b in env.signed],
+            raw_buffers=[b for env in envelopes for b in env.raw],
+        )
+
+    def pack(self, msg_type: MsgType, content: dict[str, Any], **options: Any) -> list[Buffer]:
+        """The frames of one new message, from the delimiter on; ``options`` as for ``envelope``."""
+        return self.frames([self.envelope(msg_type, content, **options)])
 
     def unpack(self, frames: Sequence[Buffer]) -> tuple[list[bytes], Message]:
-        """Split routing ids from a verified message; raise ProtocolError on any fault."""
-        views = [_as_view(f) for f in frames]
-        for i, view in enumerate(views):
-            if view.nbytes == len(DELIM) and view.tobytes() == DELIM:
+        """Split routing ids from a verified message; raise ProtocolError on any fault.
+
+        A batch comes back as one message of type ``batch``: ``split`` opens it.
+        """
+        for i, frame in enumerate(frames):
+            if _nbytes(frame) == len(DELIM) and _as_view(frame).tobytes() == DELIM:
                 delim = i
                 break
         else:
             raise ProtocolError("no delimiter frame: not a jupyter-dist message")
-        idents = [v.tobytes() for v in views[:delim]]
-        rest = views[delim + 1 :]
+        idents = [_as_view(f).tobytes() for f in frames[:delim]]
+        rest = frames[delim + 1 :]
         if len(rest) < 5:
             raise ProtocolError(
                 f"truncated message: {len(rest)} frames after the delimiter, need 5"
             )
-        signature = rest[0].tobytes()
-        body = rest[1:5]
-        try:
-            header = msgpack.unpackb(body[0])
-        except (ValueError, msgpack.UnpackException) as e:
-            raise ProtocolError(f"unreadable header: {e}") from e
-        if not isinstance(header, dict):
-            raise ProtocolError("header is not a map")
-        signed_count = header.get("signed_buffers")
-        sizes = header.get("buffer_sizes")
-        if not isinstance(signed_count, int) or not isinstance(sizes, list):
-            raise ProtocolError("header lacks buffer counts")
-        buffers = rest[5:]
-        if len(buffers) != len(sizes) or not 0 <= signed_count <= len(buffers):
+        signature = _as_view(rest[0]).tobytes()
+        body: list[Buffer] = [_as_view(f) for f in rest[1:5]]
+        header = _read_header(body[0])
+        buffers = list(rest[5:])
+        signed_count = header["signed_buffers"]
+        if len(buffers) != len(header["buffer_sizes"]) or not 0 <= signed_count <= len(buffers):
             raise ProtocolError(
-                f"header announces {len(sizes)} buffers, message has {len(buffers)}"
+                f"header announces {len(header['buffer_sizes'])} buffers, message has {len(buffers)}"
             )
         expected = self._sign([*body, *buffers[:signed_count]])
         if not hmac.compare_digest(expected, signature):
@@ -247,33 +278,33 @@ class Session:
         if signature in self._seen:
             raise ProtocolError("replayed message: this signature was seen before")
         self._remember(signature)
-        if header.get("version") != PROTOCOL_VERSION:
-            raise ProtocolError(
-                f"protocol version {header.get('version')!r}, this process speaks "
-                f"{PROTOCOL_VERSION}: install the same jupyter-dist everywhere"
-            )
-        if header.get("msg_type") not in _KNOWN_TYPES:
-            raise ProtocolError(f"unknown message type {header.get('msg_type')!r}")
-        for buf, size in zip(buffers, sizes, strict=True):
-            if buf.nbytes != size:
-                raise ProtocolError(f"buffer of {buf.nbytes} bytes, header says {size}")
-        try:
-            parent, metadata, content = (msgpack.unpackb(b) for b in body[1:4])
-        except (ValueError, msgpack.UnpackException) as e:
-            raise ProtocolError(f"unreadable message body: {e}") from e
-        if not (
-            isinstance(parent, dict) and isinstance(metadata, dict) and isinstance(content, dict)
+        envelope = Envelope(body, buffers[:signed_count], buffers[signed_count:], signature)
+        return idents, _read_message(header, envelope, _KNOWN_TYPES)
+
+    def split(self, msg: Message) -> list[Message]:
+        """The messages a verified batch carries (checked like single ones), or ``[msg]``."""
+        if msg.msg_type != MsgType.BATCH:
+            return [msg]
+        bodies = msg.content.get("messages")
+        if not isinstance(bodies, list) or not all(
+            isinstance(b, list) and len(b) == 4 and all(isinstance(p, bytes) for p in b)
+            for b in bodies
         ):
-            raise ProtocolError("parent, metadata and content must be maps")
-        message = Message(
-            header=cast(Header, header),
-            parent=parent,
-            metadata=metadata,
-            content=content,
-            buffers=list(buffers),
-            frames=list(frames[delim:]),
-        )
-        return idents, message
+            raise ProtocolError("a batch must list each message as its four packed maps")
+        signed, raw = msg.envelope.signed, msg.envelope.raw
+        messages = []
+        for body in bodies:
+            header = _read_header(body[0])
+            n_signed = header["signed_buffers"]
+            n_raw = len(header["buffer_sizes"]) - n_signed
+            if n_signed < 0 or n_raw < 0 or n_signed > len(signed) or n_raw > len(raw):
+                raise ProtocolError("a message in a batch claims buffers the batch lacks")
+            envelope = Envelope(body, signed[:n_signed], raw[:n_raw])
+            signed, raw = signed[n_signed:], raw[n_raw:]
+            messages.append(_read_message(header, envelope, _BATCHED_TYPES))
+        if signed or raw:
+            raise ProtocolError("a batch carries buffers none of its messages claims")
+        return messages
 
     def _remember(self, signature: bytes) -> None:
         self._seen.add(signature)
@@ -282,12 +313,50 @@ class Session:
             self._seen.discard(self._seen_order.popleft())
 
 
+def _read_header(packed: Buffer) -> Header:
+    """Decode a header far enough to check a signature: it must say its buffer counts."""
+    try:
+        header = msgpack.unpackb(packed)
+    except (ValueError, msgpack.UnpackException) as e:
+        raise ProtocolError(f"unreadable header: {e}") from e
+    if not isinstance(header, dict):
+        raise ProtocolError("header is not a map")
+    if not isinstance(header.get("signed_buffers"), int) or not isinstance(
+        header.get("buffer_sizes"), list
+    ):
+        raise ProtocolError("header lacks buffer counts")
+    return cast(Header, header)
+
+
+def _read_message(header: Header, envelope: Envelope, allowed_types: frozenset[str]) -> Message:
+    """Check a signed message's header against its buffers and decode its body."""
+    if header.get("version") != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"protocol version {header.get('version')!r}, this process speaks "
+            f"{PROTOCOL_VERSION}: install the same jupyter-dist everywhere"
+        )
+    if header.get("msg_type") not in allowed_types:
+        raise ProtocolError(f"unknown message type {header.get('msg_type')!r}")
+    buffers = [_as_view(b) for b in (*envelope.signed, *envelope.raw)]
+    for buf, size in zip(buffers, header["buffer_sizes"], strict=True):
+        if buf.nbytes != size:
+            raise ProtocolError(f"buffer of {buf.nbytes} bytes, header says {size}")
+    try:
+        parent, metadata, content = (msgpack.unpackb(b) for b in envelope.body[1:4])
+    except (ValueError, msgpack.UnpackException) as e:
+        raise ProtocolError(f"unreadable message body: {e}") from e
+    if not (isinstance(parent, dict) and isinstance(metadata, dict) and isinstance(content, dict)):
+        raise ProtocolError("parent, metadata and content must be maps")
+    return Message(header, parent, metadata, content, buffers, envelope)
+
+
 def unpack_or_drop(
     session: Session, frames: Sequence[Buffer], peer: str
-) -> tuple[list[bytes], Message] | None:
-    """Unpack a received message, or log one warning and return None if it fails a check."""
+) -> tuple[list[bytes], list[Message]] | None:
+    """Unpack a received message (a batch: its messages), or log one warning and return None."""
     try:
-        return session.unpack(frames)
+        idents, msg = session.unpack(frames)
+        return idents, session.split(msg)
     except ProtocolError as e:
         logger.warning("dropped a message from %s: %s", peer, e)
         return None

@@ -23,7 +23,16 @@ from jupyter_dist.connection_file import ClusterInfo
 from jupyter_dist.errors import ClusterError, DistTimeoutError, EngineDiedError, SerializationError
 from jupyter_dist.futures import Future, error_from_reply
 from jupyter_dist.ioloop import IOLoop
-from jupyter_dist.protocol import Buffer, Message, MsgType, Session, new_id, send, unpack_or_drop
+from jupyter_dist.outbox import Outbox
+from jupyter_dist.protocol import (
+    Buffer,
+    Envelope,
+    Message,
+    MsgType,
+    Session,
+    new_id,
+    unpack_or_drop,
+)
 from jupyter_dist.security import secure_client
 from jupyter_dist.serialize import deserialize, serialize
 
@@ -37,6 +46,8 @@ class Connection:
         self.info = info
         self.session = Session(bytes.fromhex(info.key))
         self._loop = IOLoop()
+        self._outbox = Outbox(self.session)
+        self._loop.at_turn_end(self._outbox.flush)
         self.output = OutputRouter(self._loop.call_later)
         self._ctx: zmq.Context[Any] = zmq.Context()
         self._sock: zmq.Socket[Any] | None = None
@@ -68,7 +79,7 @@ class Connection:
 
         def go() -> None:
             self._requests[msg_id] = future
-            self._send(self.session.pack(msg_type, content, msg_id=msg_id))
+            self._send(self.session.envelope(msg_type, content, msg_id=msg_id))
 
         self._call(go)
         try:
@@ -97,7 +108,7 @@ class Connection:
             self._tasks[task_id] = future
             self.output.add_task(task_id, group)
             self._send(
-                self.session.pack(
+                self.session.envelope(
                     MsgType.TASK_REQUEST, content, signed_buffers=signed, raw_buffers=raw
                 )
             )
@@ -130,7 +141,7 @@ class Connection:
         def go() -> None:
             self._tasks[task_id] = future
             self.output.add_task(task_id, group)
-            self._send(self.session.pack(MsgType.RESULT_REQUEST, {"task_ids": [task_id]}))
+            self._send(self.session.envelope(MsgType.RESULT_REQUEST, {"task_ids": [task_id]}))
 
         self._call(go)
         return future
@@ -163,14 +174,16 @@ class Connection:
 
     def cancel(self, task_ids: list[str]) -> None:
         self._call(
-            lambda: self._send(self.session.pack(MsgType.CANCEL_REQUEST, {"task_ids": task_ids}))
+            lambda: self._send(
+                self.session.envelope(MsgType.CANCEL_REQUEST, {"task_ids": task_ids})
+            )
         )
 
     def interrupt(
         self, task_ids: list[str] | None = None, engine_ids: list[int] | None = None
     ) -> None:
         content = {"task_ids": task_ids, "engine_ids": engine_ids}
-        self._call(lambda: self._send(self.session.pack(MsgType.INTERRUPT_REQUEST, content)))
+        self._call(lambda: self._send(self.session.envelope(MsgType.INTERRUPT_REQUEST, content)))
 
     def close(self) -> None:
         """Stop the I/O thread and close the socket; pending futures fail."""
@@ -222,14 +235,15 @@ class Connection:
                 if not future.done():
                     future.set_exception(error)
 
-    def _send(self, frames: list[Buffer]) -> None:
+    def _send(self, envelope: Envelope) -> None:
         assert self._sock is not None
-        send(self._sock, frames)
+        self._outbox.put(self._sock, envelope)
 
     def _on_message(self, frames: list[zmq.Frame]) -> None:
         unpacked = unpack_or_drop(self.session, frames, "the controller")
         if unpacked is not None:
-            self._handle(unpacked[1])
+            for msg in unpacked[1]:
+                self._handle(msg)
 
     def _handle(self, msg: Message) -> None:
         content = msg.content

@@ -34,7 +34,8 @@ from jupyter_dist.controller.registry import EngineRecord, EngineRegistry
 from jupyter_dist.controller.scheduler import BalancedQueue
 from jupyter_dist.controller.tasks import TaskRecord, TaskState, TaskStore
 from jupyter_dist.ioloop import IOLoop
-from jupyter_dist.protocol import Message, MsgType, Session, new_id, send, unpack_or_drop
+from jupyter_dist.outbox import OnUnreachable, Outbox
+from jupyter_dist.protocol import Envelope, Message, MsgType, Session, new_id, unpack_or_drop
 from jupyter_dist.security import is_reachable_from_other_hosts, secure_server, server_keypair
 
 logger = logging.getLogger(__name__)
@@ -89,6 +90,8 @@ class Controller:
         self.pub = self.ctx.socket(zmq.PUB)
         self.pub.setsockopt(zmq.LINGER, 0)
         self.loop = IOLoop()
+        self.outbox = Outbox(self.session)
+        self.loop.at_turn_end(self.outbox.flush)
         self.registry = EngineRegistry()
         self.actors = ActorRegistry()
         self.tasks = TaskStore()
@@ -216,23 +219,14 @@ class Controller:
         unpacked = unpack_or_drop(self.session, frames, peer)
         if unpacked is None:
             return
-        idents, msg = unpacked
+        idents, messages = unpacked
         if len(idents) != 1:
-            logger.warning("dropped a %s from %s: %d routing ids", msg.msg_type, peer, len(idents))
+            logger.warning("dropped a message from %s: %d routing ids", peer, len(idents))
             return
-        logger.debug("%s from %s %r", msg.msg_type, peer, idents[0])
-        handle(idents[0], msg)
+        for msg in messages:
+            handle(idents[0], msg)
 
     # ---- sending --------------------------------------------------------
-
-    def _send_to(self, sock: zmq.Socket[Any], ident: bytes, frames: list[Any]) -> bool:
-        try:
-            send(sock, frames, [ident])
-        except zmq.ZMQError as e:
-            if e.errno != zmq.EHOSTUNREACH:
-                raise
-            return False
-        return True
 
     def _reply(
         self,
@@ -241,21 +235,29 @@ class Controller:
         content: dict[str, Any],
         parent: Message,
         to_engine: bool = False,
+        on_unreachable: OnUnreachable = None,
         **kw: Any,
-    ) -> bool:
-        frames = self.session.pack(msg_type, content, dict(parent.header), **kw)
-        return self._send_to(self.engines if to_engine else self.clients, ident, frames)
+    ) -> None:
+        envelope = self.session.envelope(msg_type, content, dict(parent.header), **kw)
+        sock = self.engines if to_engine else self.clients
+        self.outbox.put(sock, envelope, ident, on_unreachable)
 
-    def _send_to_asker(self, record: TaskRecord, frames: list[Any]) -> bool:
+    def _send_to_asker(
+        self, record: TaskRecord, envelope: Envelope, on_unreachable: OnUnreachable = None
+    ) -> None:
         """Send to whoever submitted the task: a client, or an engine."""
         sock = self.engines if record.is_from_engine else self.clients
-        return self._send_to(sock, record.client_ident, frames)
+        self.outbox.put(sock, envelope, record.client_ident, on_unreachable)
 
     def _send_engine(
         self, engine: EngineRecord, msg_type: MsgType, content: dict[str, Any]
     ) -> None:
-        if not self._send_to(self.engines, engine.ident, self.session.pack(msg_type, content)):
+        def unreachable() -> None:
             logger.warning("engine %d is unreachable", engine.engine_id)
+
+        self.outbox.put(
+            self.engines, self.session.envelope(msg_type, content), engine.ident, unreachable
+        )
 
     # ---- clients --------------------------------------------------------
 
@@ -417,20 +419,21 @@ class Controller:
         record.state = TaskState.RUNNING
         engine.in_flight.append(record.task_id)
         if record.times_sent == 0:
-            frames = request.frames
-        else:  # signed anew: the engine that gave it back would drop a replay
-            frames = self.session.pack(
+            envelope = request.envelope
+        else:  # a new header, so a new signature: the engine that gave it back would drop a replay
+            envelope = self.session.envelope(
                 MsgType.TASK_REQUEST,
                 request.content,
                 request.parent,
-                signed_buffers=request.signed_buffers,
-                raw_buffers=request.raw_buffers,
+                signed_buffers=request.envelope.signed,
+                raw_buffers=request.envelope.raw,
             )
         record.times_sent += 1
         if record.target is not None:
             record.request = None
-        if not self._send_to(self.engines, engine.ident, frames):
-            self._on_engine_death(engine, None)
+        self.outbox.put(
+            self.engines, envelope, engine.ident, lambda: self._on_engine_death(engine, None)
+        )
 
     def _dispatch_balanced(self) -> None:
         live = self.registry.live()
@@ -485,7 +488,7 @@ class Controller:
             for task_id in list(actor.pending):
                 self._fail_actor_call(actor, task_id, f"{death} before this call finished")
             self.is_state_dirty = True
-        self._send_to_actor(record, actor, msg.frames)
+        self._send_to_actor(record, actor, msg.envelope)
 
     def _create_actor(self, record: TaskRecord, msg: Message) -> None:
         content = msg.content
@@ -517,18 +520,23 @@ class Controller:
         )
         self.actors.add(actor)
         self.is_state_dirty = True
-        self._send_to_actor(record, actor, msg.frames)
+        self._send_to_actor(record, actor, msg.envelope)
 
-    def _send_to_actor(self, record: TaskRecord, actor: ActorRecord, frames: list[Any]) -> None:
+    def _send_to_actor(self, record: TaskRecord, actor: ActorRecord, envelope: Envelope) -> None:
         record.engine_id = actor.engine_id
         record.state = TaskState.RUNNING
         record.request = None
         actor.pending.add(record.task_id)
         engine = self.registry.by_id(actor.engine_id)
-        if engine is None or not self._send_to(self.engines, engine.ident, frames):
-            self._fail_actor_call(
-                actor, record.task_id, f"the engine of actor {actor.label} is unreachable"
-            )
+
+        def unreachable() -> None:
+            reason = f"the engine of actor {actor.label} is unreachable"
+            self._fail_actor_call(actor, record.task_id, reason)
+
+        if engine is None:
+            unreachable()
+        else:
+            self.outbox.put(self.engines, envelope, engine.ident, unreachable)
 
     def _on_actor_reply(self, record: TaskRecord, msg: Message) -> None:
         actor = self.actors.get(record.actor_id or "")
@@ -584,11 +592,11 @@ class Controller:
             actor.engine_id = target.engine_id
             actor.state = None
             content = {**actor.create.content, "task_id": new_id()}
-            create = self.session.pack(
+            create = self.session.envelope(
                 MsgType.TASK_REQUEST,
                 content,
-                signed_buffers=actor.create.signed_buffers,
-                raw_buffers=actor.create.raw_buffers,
+                signed_buffers=actor.create.envelope.signed,
+                raw_buffers=actor.create.envelope.raw,
             )
             record = TaskRecord(content["task_id"], b"", "actor_create", target.engine_id, None)
             record.actor_id = actor.actor_id
@@ -607,7 +615,9 @@ class Controller:
             logger.warning(
                 "dropped a %s from an unregistered or dead engine; telling it to stop", msg.msg_type
             )
-            self._send_to(self.engines, ident, self.session.pack(MsgType.SHUTDOWN_REQUEST, {}))
+            self.outbox.put(
+                self.engines, self.session.envelope(MsgType.SHUTDOWN_REQUEST, {}), ident
+            )
             return
         engine.last_seen = time.monotonic()
         if msg.msg_type == MsgType.TASK_REPLY:
@@ -674,8 +684,8 @@ class Controller:
         """Keep a task's reply and pass it on, verbatim, to its asker and any waiters."""
         failed = reply.content.get("status") != "ok"
         self.tasks.finish(record, TaskState.FAILED if failed else TaskState.DONE, reply)
-        if self._send_to_asker(record, reply.frames):
-            self.tasks.mark_delivered(record)
+        self.tasks.mark_delivered(record)
+        self._send_to_asker(record, reply.envelope, lambda: self.tasks.mark_undelivered(record))
         for is_engine, ident in record.waiters:
             self._deliver(record, ident, reply, to_engine=is_engine)
         record.waiters.clear()
@@ -683,7 +693,7 @@ class Controller:
     def _forward_output(self, msg: Message) -> None:
         record = self.tasks.get(msg.content.get("task_id", ""))
         if record is not None:
-            self._send_to_asker(record, msg.frames)
+            self._send_to_asker(record, msg.envelope)
 
     def _deliver(
         self, record: TaskRecord, ident: bytes, request: Message, to_engine: bool = False
@@ -694,17 +704,17 @@ class Controller:
             content = {"task_id": record.task_id, "status": str(record.state)}
             self._reply(ident, MsgType.RESULT_REPLY, content, request, to_engine=to_engine)
             return
-        delivered = self._reply(
+        self.tasks.mark_delivered(record)
+        self._reply(
             ident,
             MsgType.RESULT_REPLY,
             reply.content,
             request,
             to_engine=to_engine,
-            signed_buffers=reply.signed_buffers,
-            raw_buffers=reply.raw_buffers,
+            on_unreachable=lambda: self.tasks.mark_undelivered(record),
+            signed_buffers=reply.envelope.signed,
+            raw_buffers=reply.envelope.raw,
         )
-        if delivered:
-            self.tasks.mark_delivered(record)
 
     def _fail(
         self, record: TaskRecord, ename: str, evalue: str, engine_id: int | None, **extra: Any

@@ -106,6 +106,15 @@ class TaskStore:
             self._delivered_nbytes += _reply_nbytes(record)
             self._evict()
 
+    def mark_undelivered(self, record: TaskRecord) -> None:
+        """The send marked delivered found its peer gone: keep the result for ``get_result``.
+
+        Sends leave at the end of the loop's turn, after ``mark_delivered``.
+        """
+        if record.is_delivered and self._tasks.get(record.task_id) is record:
+            record.is_delivered = False
+            self._delivered_nbytes -= _reply_nbytes(record)
+
     def pending_count(self) -> int:
         return len(self._tasks) - len(self._finished)
 

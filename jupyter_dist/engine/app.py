@@ -33,7 +33,8 @@ from jupyter_dist.engine.metrics import MetricsSampler
 from jupyter_dist.engine.streams import OutStream, current_task_id
 from jupyter_dist.errors import SerializationError
 from jupyter_dist.ioloop import IOLoop
-from jupyter_dist.protocol import Message, MsgType, Session, send, unpack_or_drop
+from jupyter_dist.outbox import Outbox
+from jupyter_dist.protocol import Message, MsgType, Session, unpack_or_drop
 from jupyter_dist.security import secure_client
 
 logger = logging.getLogger(__name__)
@@ -89,6 +90,8 @@ class Engine:
         self.host = shm.host_name()
         self.shm_pool = shm.pool_for(info.cluster_id)
         self.loop = IOLoop()
+        self.outbox = Outbox(self.session)
+        self.loop.at_turn_end(self.outbox.flush)
         self.ctx = zmq.Context()
         self.sock: zmq.Socket[Any] | None = None
         self.tasks = _TaskQueue()
@@ -135,7 +138,10 @@ class Engine:
         raw: list[Any] | None = None,
     ) -> None:
         assert self.sock is not None  # only called on the I/O thread after connect
-        send(self.sock, self.session.pack(msg_type, content, parent, None, signed or (), raw or ()))
+        self.outbox.put(
+            self.sock,
+            self.session.envelope(msg_type, content, parent, None, signed or (), raw or ()),
+        )
 
     def _send_threadsafe(
         self, msg_type: MsgType, content: dict[str, Any], signed: list[Any], raw: list[Any]
@@ -146,7 +152,8 @@ class Engine:
         unpacked = unpack_or_drop(self.session, frames, "the controller")
         if unpacked is not None:
             self.last_controller_contact = time.monotonic()
-            self._handle(unpacked[1])
+            for msg in unpacked[1]:
+                self._handle(msg)
 
     def _handle(self, msg: Message) -> None:
         msg_type = msg.msg_type

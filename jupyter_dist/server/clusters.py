@@ -136,13 +136,13 @@ class ClusterLink:
             unpacked = unpack_or_drop(self._session, frames, f"cluster {self.cluster_id}")
             if unpacked is None:
                 continue
-            msg = unpacked[1]
-            if msg.msg_type == MsgType.STATE:
-                self._take_state(msg.content)
-                continue
-            future = self._requests.get(msg.parent.get("msg_id", ""))
-            if future is not None and not future.done():
-                future.set_result(msg)
+            for msg in unpacked[1]:
+                if msg.msg_type == MsgType.STATE:
+                    self._take_state(msg.content)
+                    continue
+                future = self._requests.get(msg.parent.get("msg_id", ""))
+                if future is not None and not future.done():
+                    future.set_result(msg)
 
     def _take_state(self, state: dict[str, Any]) -> None:
         if state.get("seq", 0) < self.state.get("seq", 0):

@@ -306,3 +306,21 @@ def test_a_removed_socket_is_no_longer_read(
     assert calls == []
     assert into.recv(zmq.NOBLOCK) == b"unread"
     loop.remove_socket(into)  # removing twice is harmless
+
+
+# ---- the end of a turn -------------------------------------------------------------
+
+
+def test_at_turn_end_runs_after_the_turns_calls_and_timers(loop: IOLoop) -> None:
+    # An Outbox flushes here: what a turn's callbacks put must all be there first.
+    events: list[str] = []
+    loop.at_turn_end(lambda: events.append("end"))
+    loop.call_soon_threadsafe(lambda: events.append("call 1"))
+    loop.call_soon_threadsafe(lambda: events.append("call 2"))
+    loop.call_later(0, lambda: events.append("timer"))
+    loop.call_soon_threadsafe(loop.stop)
+
+    run_until_stopped(loop)
+
+    assert events[:4] == ["call 1", "call 2", "timer", "end"]
+    assert events[-1] == "end"  # the turn that stopped the loop flushed too

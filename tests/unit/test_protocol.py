@@ -118,7 +118,7 @@ def test_unpack_splits_routing_ids_from_the_message(sender: Session, receiver: S
 
     assert idents == [b"client-7", b"hop-2"]
     assert msg.msg_type == MsgType.STATUS_REQUEST
-    assert msg.frames[0] == DELIM
+    assert msg.envelope.signature == frames[SIGNATURE]  # kept, to forward it unchanged
 
 
 def test_signed_and_raw_buffers_come_back_apart_as_memoryviews(
@@ -380,7 +380,7 @@ def test_unpack_reads_frames_from_recv_multipart_without_copying_buffers(
     np.testing.assert_array_equal(rebuilt, array)
     frame = received[-1]
     assert np.shares_memory(rebuilt, np.frombuffer(frame.buffer, dtype=np.uint8))
-    assert msg.frames[-1] is frame  # kept as received, for forwarding
+    assert msg.envelope.raw[-1] is frame  # kept as received, for forwarding
 
 
 def test_a_received_message_forwards_unchanged_to_another_process(
@@ -394,7 +394,7 @@ def test_a_received_message_forwards_unchanged_to_another_process(
     protocol.send(out, sender.pack(MsgType.TASK_REQUEST, {"task_id": "t9"}, raw_buffers=[b"xy"]))
     _, relayed = receiver.unpack(recv_frames(into))
 
-    protocol.send(out, relayed.frames)
+    protocol.send(out, receiver.frames([relayed.envelope]))
     _, msg = Session(KEY).unpack(recv_frames(into))
 
     assert msg.content == {"task_id": "t9"}
@@ -419,3 +419,126 @@ def test_pack_accepts_received_frames_as_buffers(
     assert msg.header["buffer_sizes"] == [6, 1000]
     assert msg.signed_buffers[0].tobytes() == b"signed"
     assert msg.raw_buffers[0].tobytes() == b"x" * 1000
+
+
+# ---- batches ------------------------------------------------------------------
+
+
+def batch_of_three(sender: Session) -> list[Buffer]:
+    return sender.frames(
+        [
+            sender.envelope(MsgType.TASK_REQUEST, {"n": 0}, signed_buffers=[b"pickle-0"]),
+            sender.envelope(MsgType.STREAM, {"n": 1}),
+            sender.envelope(
+                MsgType.TASK_REPLY,
+                {"n": 2},
+                parent={"msg_id": "p"},
+                signed_buffers=[b"pickle-2"],
+                raw_buffers=[b"raw-2a", b"raw-2bb"],
+            ),
+        ]
+    )
+
+
+def test_a_batch_gives_back_each_message_with_its_own_buffers(
+    sender: Session, receiver: Session
+) -> None:
+    frames = batch_of_three(sender)
+
+    _, batch = receiver.unpack(frames)
+    messages = receiver.split(batch)
+
+    assert batch.msg_type == MsgType.BATCH
+    assert [m.msg_type for m in messages] == ["task_request", "stream", "task_reply"]
+    assert [m.content["n"] for m in messages] == [0, 1, 2]
+    assert [b.tobytes() for b in messages[0].signed_buffers] == [b"pickle-0"]
+    assert messages[1].buffers == []
+    assert [b.tobytes() for b in messages[2].signed_buffers] == [b"pickle-2"]
+    assert [b.tobytes() for b in messages[2].raw_buffers] == [b"raw-2a", b"raw-2bb"]
+    assert messages[2].parent == {"msg_id": "p"}
+
+
+def test_split_of_a_single_message_is_that_message(sender: Session, receiver: Session) -> None:
+    _, msg = receiver.unpack(sender.pack(MsgType.STATUS_REQUEST, {}))
+    assert receiver.split(msg) == [msg]
+
+
+def test_one_signature_covers_every_message_of_a_batch(sender: Session, receiver: Session) -> None:
+    frames = batch_of_three(sender)
+    _, batch = Session(KEY).unpack(frames)
+    bodies = batch.content["messages"]
+    bodies[1][3] = msgpack.packb({"n": "forged"})
+    tampered = replace(frames, CONTENT, msgpack.packb({"messages": bodies}))
+
+    with pytest.raises(ProtocolError, match="bad signature"):
+        receiver.unpack(tampered)
+    with pytest.raises(ProtocolError, match="bad signature"):  # a signed buffer of the second
+        receiver.unpack(replace(frames, FIRST_BUFFER + 1, b"pickle-X"))
+
+
+def test_a_message_taken_from_a_batch_forwards_alone_signed_anew(
+    sender: Session, receiver: Session
+) -> None:
+    _, batch = receiver.unpack(batch_of_three(sender))
+    third = receiver.split(batch)[2]
+    assert third.envelope.signature is None  # it came without one of its own
+
+    _, forwarded = Session(KEY).unpack(receiver.frames([third.envelope]))
+
+    assert forwarded.content == {"n": 2}
+    assert [b.tobytes() for b in forwarded.raw_buffers] == [b"raw-2a", b"raw-2bb"]
+
+
+def signed_batch(
+    bodies: Any, signed: Sequence[bytes] = (), raw: Sequence[bytes] = ()
+) -> list[Buffer]:
+    """A batch signed by hand, whatever its messages claim."""
+    header = valid_header(
+        msg_type="batch",
+        signed_buffers=len(signed),
+        buffer_sizes=[len(b) for b in (*signed, *raw)],
+    )
+    return signed_message(
+        header, content={"messages": bodies}, signed_buffers=signed, raw_buffers=raw
+    )
+
+
+def inner(header: dict[str, Any], content: Any = None) -> list[bytes]:
+    return [
+        msgpack.packb(header),
+        msgpack.packb({}),
+        msgpack.packb({}),
+        msgpack.packb(content or {}),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("bodies", "signed", "raw", "error"),
+    [
+        ("not a list", (), (), "four packed maps"),
+        ([[b"only", b"three", b"parts"]], (), (), "four packed maps"),
+        ([inner(valid_header(msg_type="batch"))], (), (), "unknown message type 'batch'"),
+        ([inner(valid_header(msg_type="rm -rf"))], (), (), "unknown message type"),
+        ([inner(valid_header(version=0))], (), (), "protocol version"),
+        ([inner(valid_header(signed_buffers=1, buffer_sizes=[3]))], (), (), "claims buffers"),
+        ([inner(valid_header())], (b"abc",), (), "none of its messages claims"),
+        ([inner(valid_header(buffer_sizes=[4]))], (), (b"abc",), "buffer of 3 bytes"),
+        ([inner(valid_header(), content=[1, 2])], (), (), "must be maps"),
+    ],
+)
+def test_split_refuses_a_batch_whose_messages_do_not_add_up(
+    receiver: Session, bodies: Any, signed: Sequence[bytes], raw: Sequence[bytes], error: str
+) -> None:
+    _, batch = receiver.unpack(signed_batch(bodies, signed, raw))
+    with pytest.raises(ProtocolError, match=error):
+        receiver.split(batch)
+
+
+def test_unpack_or_drop_drops_a_whole_batch_with_one_bad_message(
+    receiver: Session, caplog: pytest.LogCaptureFixture
+) -> None:
+    good = inner(valid_header(msg_type="stream"))
+    bad = inner(valid_header(msg_type="nonsense"))
+
+    assert protocol.unpack_or_drop(receiver, signed_batch([good, bad]), "a test") is None
+    assert "dropped a message from a test: unknown message type" in caplog.text
