@@ -70,7 +70,8 @@ class OutStream(io.TextIOBase):
 
     def flush(self) -> None:
         """Send what is buffered now (from any thread): used when a task ends."""
-        self._call_soon_threadsafe(self._send_pending)
+        if self._pending:  # nothing printed: no need to wake the I/O thread
+            self._call_soon_threadsafe(self._send_pending)
 
     def _send_pending(self) -> None:
         with self._lock:
