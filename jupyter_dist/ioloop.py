@@ -74,7 +74,7 @@ class IOLoop:
             self._poller.unregister(sock)
 
     def at_turn_end(self, callback: Callable[[], Any]) -> None:
-        """Run ``callback`` after every turn of the loop: after its readers, calls and timers.
+        """Run ``callback`` after every turn of the loop (its readers, calls and timers) and before the first.
 
         An ``Outbox`` flushes here, so whatever a turn sent leaves together.
         """
@@ -110,6 +110,7 @@ class IOLoop:
     def run(self) -> None:
         """Serve sockets, timers and handed-over calls until ``stop()``."""
         self._is_running = True
+        self._run_turn_end()  # what was sent before the loop started leaves now, not after a poll
         while self._is_running:
             for sock, _ in self._poller.poll(self._poll_timeout_ms()):
                 if sock == self._wake_r:
@@ -120,8 +121,7 @@ class IOLoop:
                     self._receive(sock, reader)
             self._run_handed_over()
             self._run_due_timers()
-            for callback in self._turn_end:
-                self._run_guarded(callback)
+            self._run_turn_end()
 
     def _receive(
         self, sock: zmq.Socket[Any], on_message: Callable[[list[zmq.Frame]], None]
@@ -145,6 +145,10 @@ class IOLoop:
         if not self._timers:
             return None
         return max(0, int((self._timers[0][0] - time.monotonic()) * 1000) + 1)
+
+    def _run_turn_end(self) -> None:
+        for callback in self._turn_end:
+            self._run_guarded(callback)
 
     def _drain_wakeups(self) -> None:
         try:

@@ -322,5 +322,20 @@ def test_at_turn_end_runs_after_the_turns_calls_and_timers(loop: IOLoop) -> None
 
     run_until_stopped(loop)
 
-    assert events[:4] == ["call 1", "call 2", "timer", "end"]
+    assert events[:5] == ["end", "call 1", "call 2", "timer", "end"]  # before the first poll too
     assert events[-1] == "end"  # the turn that stopped the loop flushed too
+
+
+def test_at_turn_end_runs_before_the_first_poll(loop: IOLoop) -> None:
+    # An engine sends its registration before run(): it must not wait for the first timer.
+    events: list[str] = []
+    loop.at_turn_end(lambda: events.append("end"))
+    is_flushed = threading.Event()
+    loop.at_turn_end(is_flushed.set)
+    loop.call_later(3600, loop.stop)  # the only timer: a poll would sleep until then
+    thread = start(loop)
+
+    assert is_flushed.wait(JOIN_TIMEOUT_S)
+    loop.stop()
+    join(loop, thread)
+    assert events[0] == "end"
