@@ -167,15 +167,11 @@ def new_id() -> str:
 
 
 def _nbytes(buf: Buffer) -> int:
-    if isinstance(buf, zmq.Frame):
-        return len(buf)
     return memoryview(buf).nbytes
 
 
 def _as_view(buf: Buffer) -> memoryview:
-    if isinstance(buf, zmq.Frame):
-        return buf.buffer
-    return memoryview(buf)
+    return memoryview(buf)  # a zmq.Frame too: it exports its bytes without a copy
 
 
 class Session:
@@ -286,14 +282,13 @@ class Session:
         if msg.msg_type != MsgType.BATCH:
             return [msg]
         bodies = msg.content.get("messages")
-        if not isinstance(bodies, list) or not all(
-            isinstance(b, list) and len(b) == 4 and all(isinstance(p, bytes) for p in b)
-            for b in bodies
-        ):
-            raise ProtocolError("a batch must list each message as its four packed maps")
+        if not isinstance(bodies, list):
+            raise ProtocolError("a batch must list its messages")
         signed, raw = msg.envelope.signed, msg.envelope.raw
         messages = []
         for body in bodies:
+            if not (isinstance(body, list) and len(body) == 4):
+                raise ProtocolError("a batch must list each message as its four packed maps")
             header = _read_header(body[0])
             n_signed = header["signed_buffers"]
             n_raw = len(header["buffer_sizes"]) - n_signed
@@ -317,7 +312,7 @@ def _read_header(packed: Buffer) -> Header:
     """Decode a header far enough to check a signature: it must say its buffer counts."""
     try:
         header = msgpack.unpackb(packed)
-    except (ValueError, msgpack.UnpackException) as e:
+    except (ValueError, TypeError, msgpack.UnpackException) as e:
         raise ProtocolError(f"unreadable header: {e}") from e
     if not isinstance(header, dict):
         raise ProtocolError("header is not a map")
@@ -341,9 +336,12 @@ def _read_message(header: Header, envelope: Envelope, allowed_types: frozenset[s
     for buf, size in zip(buffers, header["buffer_sizes"], strict=True):
         if buf.nbytes != size:
             raise ProtocolError(f"buffer of {buf.nbytes} bytes, header says {size}")
+    body = envelope.body
     try:
-        parent, metadata, content = (msgpack.unpackb(b) for b in envelope.body[1:4])
-    except (ValueError, msgpack.UnpackException) as e:
+        parent = msgpack.unpackb(body[1])
+        metadata = msgpack.unpackb(body[2])
+        content = msgpack.unpackb(body[3])
+    except (ValueError, TypeError, msgpack.UnpackException) as e:
         raise ProtocolError(f"unreadable message body: {e}") from e
     if not (isinstance(parent, dict) and isinstance(metadata, dict) and isinstance(content, dict)):
         raise ProtocolError("parent, metadata and content must be maps")

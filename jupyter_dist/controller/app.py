@@ -91,6 +91,8 @@ class Controller:
         self.pub.setsockopt(zmq.LINGER, 0)
         self.loop = IOLoop()
         self.outbox = Outbox(self.session)
+        self.is_dispatch_due = False  # balanced work arrived or engines freed up this turn
+        self.loop.at_turn_end(self._dispatch_if_due)
         self.loop.at_turn_end(self.outbox.flush)
         self.registry = EngineRegistry()
         self.actors = ActorRegistry()
@@ -311,7 +313,7 @@ class Controller:
             return
         if target is None:
             self.balanced.push(record)
-            self._dispatch_balanced()
+            self.is_dispatch_due = True
             return
         engine = self.registry.by_id(target)
         if engine is None or engine.is_dead:
@@ -434,6 +436,12 @@ class Controller:
         self.outbox.put(
             self.engines, envelope, engine.ident, lambda: self._on_engine_death(engine, None)
         )
+
+    def _dispatch_if_due(self) -> None:
+        """Place balanced work once per turn of the loop, not once per message of a batch."""
+        if self.is_dispatch_due:
+            self.is_dispatch_due = False
+            self._dispatch_balanced()
 
     def _dispatch_balanced(self) -> None:
         live = self.registry.live()
@@ -678,7 +686,7 @@ class Controller:
         if record is not None:
             self._finish(record, msg)
         self.is_state_dirty = True
-        self._dispatch_balanced()
+        self.is_dispatch_due = True
 
     def _finish(self, record: TaskRecord, reply: Message) -> None:
         """Keep a task's reply and pass it on, verbatim, to its asker and any waiters."""

@@ -515,7 +515,8 @@ def inner(header: dict[str, Any], content: Any = None) -> list[bytes]:
 @pytest.mark.parametrize(
     ("bodies", "signed", "raw", "error"),
     [
-        ("not a list", (), (), "four packed maps"),
+        ("not a list", (), (), "must list its messages"),
+        ([[1, 2, 3, 4]], (), (), "unreadable header"),
         ([[b"only", b"three", b"parts"]], (), (), "four packed maps"),
         ([inner(valid_header(msg_type="batch"))], (), (), "unknown message type 'batch'"),
         ([inner(valid_header(msg_type="rm -rf"))], (), (), "unknown message type"),
