@@ -167,11 +167,12 @@ def new_id() -> str:
 
 
 def _nbytes(buf: Buffer) -> int:
-    return memoryview(buf).nbytes
+    return _as_view(buf).nbytes
 
 
 def _as_view(buf: Buffer) -> memoryview:
-    return memoryview(buf)  # a zmq.Frame too: it exports its bytes without a copy
+    # A zmq.Frame exports its bytes without a copy, though its type stubs do not say so.
+    return memoryview(buf)  # type: ignore[arg-type]
 
 
 class Session:

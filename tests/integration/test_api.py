@@ -28,6 +28,12 @@ def test_run_accepts_magics_and_shell_lines(cluster: jd.Cluster) -> None:
     assert cluster[0].run("out = !echo shell-ok\nout[0]") == "shell-ok"
 
 
+def test_run_accepts_top_level_await_as_a_notebook_cell_does(cluster: jd.Cluster) -> None:
+    code = "import asyncio\nasync def twice(v):\n    return 2 * v\nawait twice(21)"
+    assert cluster[0].run(code) == 42
+    assert cluster[0].run("async with asyncio.timeout(5):\n    z_async = 7\nz_async") == 7
+
+
 def test_apply_calls_a_function_on_every_engine(cluster: jd.Cluster) -> None:
     assert cluster.apply(lambda a, b=1: a * b, 6, b=7) == [42, 42]
     assert cluster[1].apply(divmod, 7, 2) == (3, 1)
