@@ -13,7 +13,7 @@ import functools
 import threading
 import weakref
 from collections.abc import Callable, Generator, Sequence
-from typing import Any
+from typing import Any, cast
 
 from jupyter_dist.errors import (
     ActorDiedError,
@@ -35,6 +35,10 @@ class Future(concurrent.futures.Future[Any]):
     awaited. ``id`` names the task (``c.get_result(id)`` fetches it later);
     ``engine`` is the id of the engine that ran it, once known.
     """
+
+    # The futures a future made by ``then`` waits on, held until it is done: a
+    # MultiFuture's children keep only a weak link to it, so nothing else would.
+    steps: list[Future] | tuple[()] = ()
 
     def __init__(
         self, task_id: str, engine: int | None = None, on_cancel: Callable[[], None] | None = None
@@ -143,8 +147,50 @@ class MultiFuture(Future):
             return
         try:
             self.set_result(self._combine([c.result() for c in self.children]))
-        except JupyterDistError as e:
+        except Exception as e:  # raised here it would be lost and leave the future pending
             self.set_exception(e)
+
+
+def then(first: Future, step: Callable[[Any], Any]) -> Future:
+    """A future of ``step(first's value)``; when ``step`` returns a future, of that one's value.
+
+    For work done in two asks (a gather of large arrays). ``step`` runs where
+    ``first`` finishes, on the client's I/O thread, so it must not wait.
+    """
+    out = Future(first.id)
+    out.steps = [first]
+    out.add_done_callback(_drop_steps)
+
+    def take(done: concurrent.futures.Future[Any]) -> None:
+        if done.cancelled() or done.exception() is not None:
+            _pass_on(done, out)
+            return
+        try:
+            value = step(done.result())
+        except Exception as e:
+            out.set_exception(e)
+            return
+        if isinstance(value, Future):
+            cast(list[Future], out.steps).append(value)
+            value.add_done_callback(functools.partial(_pass_on, dst=out))
+        else:
+            out.set_result(value)
+
+    first.add_done_callback(take)
+    return out
+
+
+def _drop_steps(future: concurrent.futures.Future[Any]) -> None:
+    cast(Future, future).steps = ()  # their values (maybe large arrays) are not needed any more
+
+
+def _pass_on(src: concurrent.futures.Future[Any], dst: Future) -> None:
+    if src.cancelled():
+        dst.cancel()
+    elif (error := src.exception()) is not None:
+        dst.set_exception(error)
+    else:
+        dst.set_result(src.result())
 
 
 def _notify_parent(ref: weakref.ref[MultiFuture], child: concurrent.futures.Future[Any]) -> None:

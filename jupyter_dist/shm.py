@@ -14,8 +14,10 @@ every send, and a receiver renames a segment away as it maps it, so a
 stale name (a result fetched twice) fails to open instead of showing
 other data. A segment sent to several engines at once (a broadcast) is
 ``shared``: receivers only map it and the sender unlinks it once they all
-replied. The controller removes what is left of a cluster's segments
-when it stops.
+replied. A gather of large arrays goes the other way: the client makes
+one segment (``allocate_shared``) and each engine writes its part into it
+at its offset (``write_into``), so the parts are copied once, in parallel.
+The controller removes what is left of a cluster's segments when it stops.
 
 Layout of names, all under ``SHM_DIR``::
 
@@ -37,6 +39,7 @@ import threading
 import uuid
 import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from jupyter_dist.errors import SerializationError
@@ -129,6 +132,18 @@ class SegmentPool:
         self._hold(path, name, mm)
         return memoryview(mm)
 
+    def allocate_shared(self, nbytes: int) -> tuple[list[Any], memoryview]:
+        """A segment of ``nbytes`` that engines write into in place (a gather): its descriptor and a view.
+
+        Its name stays valid while this process uses the view; then the
+        segment goes to the pool. Raises ``OSError`` when shared memory is full.
+        """
+        name = f"{self._prefix}{uuid.uuid4().hex}"
+        path = self._path(name)
+        mm = self._map_new(path, nbytes)
+        weakref.finalize(mm, self._release, path, name)
+        return [name, nbytes, True], memoryview(mm)
+
     def _map_new(self, path: str, nbytes: int) -> mmap.mmap:
         """Map a free segment renamed to ``path``, or a new one; all its pages are allocated."""
         if not self._take_free(nbytes, path):
@@ -210,7 +225,7 @@ class SegmentPool:
         weakref.finalize(mm, self._release, held, name)
 
     def _release(self, held: str, name: str) -> None:
-        """Put a segment nobody maps any more into the pool, or remove it if the pool is full."""
+        """Put a segment nobody maps any more (at path ``held``) into the pool, or remove it if the pool is full."""
         try:
             size = os.stat(held).st_size
             if self._free_nbytes() + size > POOL_MAX_NBYTES:
@@ -266,6 +281,57 @@ def export_buffers(
                 )
         frames.append(buf)
     return frames, descriptors
+
+
+@dataclass(frozen=True, slots=True)
+class ArrayLayout:
+    """What an engine sends instead of a large array asked for a gather: where the client can put it.
+
+    The client adds up the engines' layouts, makes one segment for the whole
+    array and asks each engine to ``write_into`` it at its offset.
+    """
+
+    dtype: str  # numpy's dtype.str
+    shape: tuple[int, ...]
+    nbytes: int
+
+    @classmethod
+    def of(cls, value: Any) -> ArrayLayout | None:
+        """The layout of a large, plain (C-contiguous, no objects or fields) numpy array, else None."""
+        numpy = sys.modules.get("numpy")
+        if numpy is None or not isinstance(value, numpy.ndarray):
+            return None
+        dtype = value.dtype
+        if dtype.hasobject or dtype.fields is not None or not value.flags.c_contiguous:
+            return None
+        if value.nbytes < SHM_MIN_NBYTES:
+            return None
+        return cls(dtype.str, tuple(value.shape), int(value.nbytes))
+
+
+def write_into(
+    pool: SegmentPool | None,
+    descriptor: Sequence[Any],
+    offset: int,
+    expected: ArrayLayout,
+    value: Any,
+) -> None:
+    """Copy an array into a segment made by ``allocate_shared`` at ``offset`` (an engine's part of a gather).
+
+    ``expected`` is the layout the client planned with: the value must still have it.
+    """
+    if pool is None:
+        raise ValueError("the request names shared memory, but this host has none")
+    if ArrayLayout.of(value) != expected:
+        raise ValueError("the value changed while it was gathered; gather it again")
+    _, nbytes, _ = descriptor
+    if not (isinstance(offset, int) and 0 <= offset <= nbytes - expected.nbytes):
+        raise ValueError(f"offset {offset!r} does not fit the segment")
+    dst = pool.open(descriptor)
+    try:
+        _copy(dst[offset : offset + expected.nbytes], memoryview(value.reshape(-1).view("u1")))
+    finally:
+        dst.release()
 
 
 def copy_into(dst: memoryview, parts: Sequence[memoryview]) -> None:

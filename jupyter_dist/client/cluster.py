@@ -85,6 +85,8 @@ def _log_tail(path: str) -> str:
 def _task_ids(future: concurrent.futures.Future[Any]) -> list[str]:
     if isinstance(future, MultiFuture):
         return [i for child in future.children for i in _task_ids(child)]
+    if isinstance(future, Future) and future.steps:
+        return [i for step in future.steps for i in _task_ids(step)]
     return [future.id] if isinstance(future, Future) else []
 
 

@@ -123,15 +123,21 @@ class Connection:
 
         Runs on the calling thread, so the copy never holds up the I/O thread.
         """
-        if self.shm_pool is None or not any(b.nbytes >= shm.SHM_MIN_NBYTES for b in raw):
+        if not any(b.nbytes >= shm.SHM_MIN_NBYTES for b in raw):
             return raw, []
+        if not self.shares_memory_with(engine_ids):
+            return raw, []
+        return shm.export_buffers(self.shm_pool, raw, shared)
+
+    def shares_memory_with(self, engine_ids: list[int] | None) -> bool:
+        """Whether this process and all of ``engine_ids`` (None: every live engine) share a host's memory."""
+        if self.shm_pool is None:
+            return False
         engines = self.state.get("engines", [])
         wanted = [e for e in engines if e["state"] != "dead"]
         if engine_ids is not None:
             wanted = [e for e in engines if e["engine_id"] in engine_ids]
-        if not wanted or any(e.get("host") != self.host for e in wanted):
-            return raw, []
-        return shm.export_buffers(self.shm_pool, raw, shared)
+        return bool(wanted) and all(e.get("host") == self.host for e in wanted)
 
     def fetch(self, task_id: str) -> Future:
         """A future for a task submitted by any client, resolved from the controller's store."""

@@ -59,6 +59,11 @@ def join(chunks: Sequence[Any], name: str, allocate: Allocator | None = None) ->
         return tuple(item for chunk in chunks for item in chunk)
     numpy = sys.modules.get("numpy")
     if numpy is not None and isinstance(first, numpy.ndarray):
+        if any(getattr(c, "ndim", 1) == 0 for c in chunks):
+            raise JupyterDistError(
+                f"Cannot gather {name!r}: the engines hold 0-d numpy arrays (single numbers), "
+                "which have no axis to join along. Use `c.pull(...)` to get each engine's value."
+            )
         return _join_arrays(numpy, chunks, allocate)
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(first, torch.Tensor):
@@ -67,6 +72,24 @@ def join(chunks: Sequence[Any], name: str, allocate: Allocator | None = None) ->
         f"Cannot gather {name!r}: the engines hold {type(first).__name__} values, "
         "not lists, tuples, numpy arrays or torch tensors. Use `c.pull(...)` to get each engine's value."
     )
+
+
+def joined_shape(layouts: Sequence[shm.ArrayLayout]) -> tuple[int, ...] | None:
+    """The shape of the arrays of ``layouts`` joined along axis 0, or None if they do not join as they are."""
+    first = layouts[0]
+    if any(
+        not layout.shape or layout.dtype != first.dtype or layout.shape[1:] != first.shape[1:]
+        for layout in layouts
+    ):
+        return None
+    return (sum(layout.shape[0] for layout in layouts), *first.shape[1:])
+
+
+def array_over(buf: memoryview, dtype: str, shape: tuple[int, ...]) -> Any:
+    """A numpy array of ``shape`` over ``buf``, which the engines filled (a gather in place)."""
+    import numpy  # the engines sent numpy arrays: it is installed
+
+    return numpy.frombuffer(buf, dtype=numpy.dtype(dtype)).reshape(shape)
 
 
 def _join_arrays(numpy: Any, chunks: Sequence[Any], allocate: Allocator | None) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import linecache
 import os
 import types
@@ -12,11 +13,12 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
+from jupyter_dist import shm
 from jupyter_dist.actor_handle import ActorHandle
 from jupyter_dist.client import sequences
 from jupyter_dist.client.output import OutputGroup
 from jupyter_dist.errors import NoEnginesError, SerializationError
-from jupyter_dist.futures import Future, MultiFuture
+from jupyter_dist.futures import Future, MultiFuture, then
 from jupyter_dist.protocol import new_id
 from jupyter_dist.serialize import serialize
 
@@ -208,17 +210,60 @@ class View:
         return self._finish(MultiFuture(new_id(), children, lambda _: None), block)
 
     def gather(self, name: str, block: bool = True) -> Any:
-        """Join the engines' values of ``name`` (in engine order) into one sequence of the same type."""
+        """Join the engines' values of ``name`` (in engine order) into one sequence of the same type.
+
+        Engines on this host write large numpy arrays straight into one
+        shared-memory array here: each part is copied once, all in parallel.
+        """
+        ids = self._require_engines()
+        in_place = self._cluster.connection.shares_memory_with(ids)
+        parts = self._broadcast(
+            "pull", None, "", lambda vs: [v[0] for v in vs], names=[name], in_place=in_place
+        )
+        return self._finish(then(parts, lambda values: self._join(ids, name, values)), block)
+
+    def _join(self, ids: list[int], name: str, values: list[Any]) -> Any:
+        """Join gathered values; arrays the engines kept (their layouts came instead) are fetched first."""
         pool = self._cluster.connection.shm_pool
         allocate = pool.allocate if pool is not None else None
-        future = self._broadcast(
-            "pull",
-            None,
-            "",
-            lambda vs: sequences.join([v[0] for v in vs], name, allocate),
-            names=[name],
-        )
-        return self._finish(future, block)
+        kept = [(i, v) for i, v in zip(ids, values, strict=True) if isinstance(v, shm.ArrayLayout)]
+        if not kept:
+            return sequences.join(values, name, allocate)
+        layouts = [layout for _, layout in kept]
+        shape = sequences.joined_shape(layouts)
+        if pool is not None and shape is not None and len(kept) == len(values):
+            try:
+                segment, view = pool.allocate_shared(sum(layout.nbytes for layout in layouts))
+            except OSError:  # shared memory full: fetch them the plain way below
+                pass
+            else:
+                offsets = itertools.accumulate([0] + [layout.nbytes for layout in layouts[:-1]])
+                writes = [
+                    self._send_serialized(
+                        engine_id,
+                        "pull",
+                        b"",
+                        [],
+                        None,
+                        names=[name],
+                        into=segment,
+                        offset=offset,
+                        layout=[layout.dtype, list(layout.shape), layout.nbytes],
+                    )
+                    for (engine_id, layout), offset in zip(kept, offsets, strict=True)
+                ]
+                dtype = layouts[0].dtype
+                return MultiFuture(
+                    new_id(), writes, lambda _: sequences.array_over(view, dtype, shape)
+                )
+        fetches = [self._send_serialized(i, "pull", b"", [], None, names=[name]) for i, _ in kept]
+
+        def join_fetched(fetched: list[Any]) -> Any:
+            arrays = iter(v[0] for v in fetched)
+            whole = [next(arrays) if isinstance(v, shm.ArrayLayout) else v for v in values]
+            return sequences.join(whole, name, allocate)
+
+        return MultiFuture(new_id(), fetches, join_fetched)
 
     def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
         """Run ``fn(*args, **kwargs)`` once, on the least busy engine of the view."""

@@ -289,7 +289,9 @@ class Engine:
             for name in ("stdout", "stderr")
         ]
         sys.stdout, sys.stderr = self.streams
-        executor = Executor(self.engine_id, self._send_display, self.caller.fetch_result)
+        executor = Executor(
+            self.engine_id, self._send_display, self.caller.fetch_result, self.shm_pool
+        )
         self.loop.call_soon_threadsafe(lambda: self._start_actors(executor))
         while (msg := self.tasks.get()) is not None:
             self._run_task(executor, msg)

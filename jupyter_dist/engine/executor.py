@@ -21,6 +21,7 @@ from IPython.core.formatters import DisplayFormatter
 from IPython.core.interactiveshell import InteractiveShell
 from traitlets.config import Config
 
+from jupyter_dist import shm
 from jupyter_dist.errors import JupyterDistError, SerializationError
 from jupyter_dist.futures import FutureRef
 from jupyter_dist.serialize import deserialize
@@ -92,9 +93,14 @@ class Executor:
     """Owns the engine's namespace; runs tasks on the main thread."""
 
     def __init__(
-        self, engine_id: int, send_display: DisplaySender, fetch_result: Callable[[str], Any]
+        self,
+        engine_id: int,
+        send_display: DisplaySender,
+        fetch_result: Callable[[str], Any],
+        shm_pool: shm.SegmentPool | None = None,
     ) -> None:
         self.engine_id = engine_id
+        self.shm_pool = shm_pool
         self.fetch_result = fetch_result
         config = Config()
         config.HistoryManager.enabled = False
@@ -131,7 +137,7 @@ class Executor:
             self.namespace.update(payload)
             return Outcome()
         if kind == "pull":
-            return self._pull(content["names"])
+            return self._pull(content)
         return Outcome(
             error={"ename": "ValueError", "evalue": f"unknown task kind {kind!r}", "traceback": ""}
         )
@@ -202,7 +208,9 @@ class Executor:
         fn, args, kwargs = payload
         return self.call(fn, args, kwargs)
 
-    def _pull(self, names: list[str]) -> Outcome:
+    def _pull(self, content: dict[str, Any]) -> Outcome:
+        """Values of names; for a gather of large arrays, their layouts, or a write into the client's segment."""
+        names = content["names"]
         missing = [name for name in names if name not in self.namespace]
         if missing:
             return Outcome(
@@ -212,7 +220,18 @@ class Executor:
                     "traceback": "",
                 }
             )
-        return Outcome(value=[self.namespace[name] for name in names])
+        values = [self.namespace[name] for name in names]
+        if content.get("into") is not None:
+            try:
+                dtype, shape, nbytes = content["layout"]
+                layout = shm.ArrayLayout(dtype, tuple(shape), nbytes)
+                shm.write_into(self.shm_pool, content["into"], content["offset"], layout, values[0])
+            except (OSError, ValueError, TypeError) as e:
+                return Outcome(error=plain_error(e))
+            return Outcome()
+        if content.get("in_place"):  # large arrays wait here until the client made room for them
+            values = [shm.ArrayLayout.of(v) or v for v in values]
+        return Outcome(value=values)
 
     def _take_error(self, exc: BaseException | None) -> dict[str, str]:
         error: dict[str, str] | None = self.shell.last_error

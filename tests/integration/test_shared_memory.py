@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pytest
 
 import jupyter_dist as jd
 from jupyter_dist import shm
@@ -43,3 +44,48 @@ def test_a_stopped_cluster_leaves_no_shared_memory(fresh_cluster: jd.Cluster) ->
     fresh_cluster.stop()
     assert _segments(fresh_cluster) == []
     assert int(value.sum()) == NBYTES  # the mapping outlives the file
+
+
+def _pulls(cluster: jd.Cluster) -> int:
+    return sum(1 for t in cluster.history(1000) if t.kind == "pull")
+
+
+def test_engines_write_large_arrays_of_a_gather_in_place(cluster: jd.Cluster) -> None:
+    arr = np.random.default_rng(2).random((NBYTES // 8 + 3, 2))  # rows split unevenly
+    cluster.scatter("rows", arr)
+    before = _pulls(cluster)
+
+    back = cluster.gather("rows")
+
+    np.testing.assert_array_equal(back, arr)
+    assert back.flags.writeable
+    assert _pulls(cluster) - before == 4  # each engine: its layout, then its write
+    cluster.run("del rows")
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "part = np.ones(N // 8 // (k + 1), dtype=np.float32 if k else np.float64)",  # dtypes differ
+        "part = np.ones(N // 8 if k else 3)",  # one large, one small
+    ],
+)
+def test_a_gather_that_cannot_be_written_in_place_joins_as_numpy_does(
+    cluster: jd.Cluster, code: str
+) -> None:
+    cluster.push(N=NBYTES)
+    for k in (0, 1):
+        cluster[k].run(f"import numpy as np\nk = {k}\n{code}")
+    parts = cluster.pull("part")
+
+    np.testing.assert_array_equal(cluster.gather("part"), np.concatenate(parts))
+    cluster.run("del part")
+
+
+def test_a_gather_of_single_numbers_explains_why_it_cannot_join_them(
+    cluster: jd.Cluster,
+) -> None:
+    cluster.run("import numpy as np\nscalar = np.array(1.0)")
+    with pytest.raises(jd.JupyterDistError, match="0-d numpy arrays"):
+        cluster.gather("scalar")
+    cluster.run("del scalar")

@@ -135,3 +135,51 @@ def test_a_gather_joins_large_parts_in_a_pooled_segment(pool: shm.SegmentPool) -
     assert os.listdir(pool.directory)[0].startswith("jd-c0ffee-free-")
     small = [np.arange(3), np.arange(2)]
     np.testing.assert_array_equal(sequences.join(small, "y", pool.allocate), np.r_[0:3, 0:2])
+
+
+# ---- a gather written in place by the engines ------------------------------------
+
+
+def test_engines_write_their_parts_into_one_segment_that_returns_to_the_pool(
+    pool: shm.SegmentPool,
+) -> None:
+    parts = [np.arange(200_000, dtype=np.float64).reshape(-1, 2) + k for k in range(2)]
+    layouts = [shm.ArrayLayout.of(p) for p in parts]
+    assert layouts[0] == shm.ArrayLayout("<f8", (100_000, 2), 1_600_000)
+    descriptor, view = pool.allocate_shared(sum(layout.nbytes for layout in layouts))
+    engine_side = shm.SegmentPool("c0ffee", directory=pool.directory)  # as another process would
+
+    shm.write_into(engine_side, descriptor, 0, layouts[0], parts[0])
+    shm.write_into(engine_side, descriptor, layouts[0].nbytes, layouts[1], parts[1])
+
+    joined = sequences.array_over(view, "<f8", (200_000, 2))
+    np.testing.assert_array_equal(joined, np.concatenate(parts))
+    del view, joined
+    gc.collect()
+    assert [e.startswith("jd-c0ffee-free-") for e in os.listdir(pool.directory)] == [True]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        np.zeros(10, dtype=np.float64),  # too small to be worth a segment
+        np.zeros((1000, 1000), dtype=np.float64)[:, ::2],  # not contiguous
+        np.array([object()] * 200_000, dtype=object),
+        np.zeros(200_000, dtype=[("a", "f8")]),  # fields: dtype.str would lose them
+        [0.0] * 200_000,
+    ],
+)
+def test_only_large_plain_arrays_have_a_layout(value: object) -> None:
+    assert shm.ArrayLayout.of(value) is None
+
+
+def test_a_part_that_changed_since_its_layout_was_sent_is_refused(pool: shm.SegmentPool) -> None:
+    part = np.ones(shm.SHM_MIN_NBYTES // 8, dtype=np.float64)
+    layout = shm.ArrayLayout.of(part)
+    assert layout is not None
+    descriptor, _view = pool.allocate_shared(layout.nbytes)
+
+    with pytest.raises(ValueError, match="changed while it was gathered"):
+        shm.write_into(pool, descriptor, 0, layout, part.astype(np.float32))
+    with pytest.raises(ValueError, match="does not fit"):
+        shm.write_into(pool, descriptor, 8, layout, part)
