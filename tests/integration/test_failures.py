@@ -78,6 +78,38 @@ def test_forged_and_truncated_messages_are_dropped_and_never_run(
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("port_name", ["client_port", "engine_port"])
+def test_a_forged_or_broken_batch_is_dropped_whole_and_never_run(
+    cluster: jd.Cluster, runtime_dir: Path, zmq_ctx: zmq.Context, tmp_path: Path, port_name: str
+) -> None:
+    info = connection_file.read(cluster.connection_file)
+    sock = _raw_dealer(zmq_ctx, info.url(getattr(info, port_name)))
+    logged_before = len(_controller_log(runtime_dir, cluster))
+    marker = tmp_path / "ran"
+    code = f"open({str(marker)!r}, 'w').write('ran')"
+    content = {"task_id": "batched-" + port_name, "kind": "execute", "target": 0, "code": code}
+    forger = Session(b"not-the-cluster-key")
+    envelopes = [
+        forger.envelope(MsgType.TASK_REQUEST, {**content, "task_id": f"f{i}"}) for i in (1, 2)
+    ]
+    sock.send_multipart(forger.frames(envelopes))
+    honest = Session(bytes.fromhex(info.key))
+    good = honest.envelope(MsgType.TASK_REQUEST, content)
+    unclaimed = honest.envelope(MsgType.TASK_REQUEST, {**content, "task_id": "g2"})
+    unclaimed.signed = [b"not in its header"]  # the batch's buffers no longer add up
+    sock.send_multipart(honest.frames([good, unclaimed]))
+
+    def new_log() -> str:
+        return _controller_log(runtime_dir, cluster)[logged_before:]
+
+    poll_for(lambda: new_log().count("dropped a message") >= 2, 10, "two drop log lines")
+    log = new_log()
+    assert "bad signature" in log
+    assert "buffers none of its messages claims" in log
+    assert cluster.run("'still serving'") == ["still serving", "still serving"]
+    assert not marker.exists()
+
+
 def test_unknown_message_type_is_dropped(
     cluster: jd.Cluster, runtime_dir: Path, zmq_ctx: zmq.Context
 ) -> None:
