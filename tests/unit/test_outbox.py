@@ -10,7 +10,7 @@ import zmq
 
 from jupyter_dist import outbox
 from jupyter_dist.outbox import Outbox
-from jupyter_dist.protocol import Message, MsgType, Session, unpack_or_drop
+from jupyter_dist.protocol import Envelope, Message, MsgType, Session, unpack_or_drop
 
 KEY = b"outbox-test-key"
 
@@ -36,6 +36,16 @@ def router_and_dealers(
     return router, dealers
 
 
+@pytest.fixture
+def box() -> Outbox:
+    return Outbox(Session(KEY))
+
+
+def stream(box: Outbox, i: int, raw: bytes = b"") -> Envelope:
+    """A small message numbered ``i``, to follow its order."""
+    return box.session.envelope(MsgType.STREAM, {"i": i}, raw_buffers=[raw] if raw else [])
+
+
 def received(sock: zmq.Socket[Any]) -> list[list[Message]]:
     """The messages of each wire message waiting on ``sock`` (all were sent before)."""
     receiver = Session(KEY)
@@ -48,34 +58,30 @@ def received(sock: zmq.Socket[Any]) -> list[list[Message]]:
 
 
 def test_messages_put_in_one_turn_reach_each_peer_as_one_message_in_order(
-    router_and_dealers: tuple[zmq.Socket[Any], dict[bytes, zmq.Socket[Any]]],
+    router_and_dealers: tuple[zmq.Socket[Any], dict[bytes, zmq.Socket[Any]]], box: Outbox
 ) -> None:
     router, dealers = router_and_dealers
-    session = Session(KEY)
-    box = Outbox(session)
     for i in range(5):
-        box.put(router, session.envelope(MsgType.STREAM, {"i": i}, raw_buffers=[b"x" * i]), b"a")
-    box.put(router, session.envelope(MsgType.STREAM, {"i": 99}), b"b")
+        box.put(router, stream(box, i, b"x" * (i + 1)), b"a")
+    box.put(router, stream(box, 99), b"b")
 
     box.flush()
 
     (messages,) = received(dealers[b"a"])
     assert [m.content["i"] for m in messages] == [0, 1, 2, 3, 4]
-    assert [m.raw_buffers[0].tobytes() for m in messages] == [b"x" * i for i in range(5)]
+    assert [m.raw_buffers[0].tobytes() for m in messages] == [b"x" * (i + 1) for i in range(5)]
     ((single,),) = received(dealers[b"b"])
     assert single.envelope.signature is not None  # a lone message goes as it is, not as a batch
     assert single.content == {"i": 99}
 
 
 def test_a_long_turn_is_split_into_batches_of_at_most_the_limit(
-    router_and_dealers: tuple[zmq.Socket[Any], dict[bytes, zmq.Socket[Any]]],
+    router_and_dealers: tuple[zmq.Socket[Any], dict[bytes, zmq.Socket[Any]]], box: Outbox
 ) -> None:
     router, dealers = router_and_dealers
-    session = Session(KEY)
-    box = Outbox(session)
     count = outbox.MAX_BATCH_MESSAGES * 2 + 1
     for i in range(count):
-        box.put(router, session.envelope(MsgType.STREAM, {"i": i}), b"a")
+        box.put(router, stream(box, i), b"a")
 
     box.flush()
 
@@ -85,17 +91,13 @@ def test_a_long_turn_is_split_into_batches_of_at_most_the_limit(
 
 
 def test_an_unreachable_peer_calls_back_each_of_its_messages_and_spares_the_others(
-    router_and_dealers: tuple[zmq.Socket[Any], dict[bytes, zmq.Socket[Any]]],
+    router_and_dealers: tuple[zmq.Socket[Any], dict[bytes, zmq.Socket[Any]]], box: Outbox
 ) -> None:
     router, dealers = router_and_dealers
-    session = Session(KEY)
-    box = Outbox(session)
     lost: list[int] = []
     for i in range(3):
-        box.put(
-            router, session.envelope(MsgType.STREAM, {"i": i}), b"gone", lambda i=i: lost.append(i)
-        )
-    box.put(router, session.envelope(MsgType.STREAM, {"i": 7}), b"a", lambda: lost.append(7))
+        box.put(router, stream(box, i), b"gone", lambda i=i: lost.append(i))
+    box.put(router, stream(box, 7), b"a", lambda: lost.append(7))
 
     box.flush()
 
@@ -104,17 +106,15 @@ def test_an_unreachable_peer_calls_back_each_of_its_messages_and_spares_the_othe
 
 
 def test_what_an_unreachable_callback_puts_is_sent_in_the_same_flush(
-    router_and_dealers: tuple[zmq.Socket[Any], dict[bytes, zmq.Socket[Any]]],
+    router_and_dealers: tuple[zmq.Socket[Any], dict[bytes, zmq.Socket[Any]]], box: Outbox
 ) -> None:
     # The controller's answer to a vanished engine: fail its task to the client, now.
     router, dealers = router_and_dealers
-    session = Session(KEY)
-    box = Outbox(session)
 
     def tell_a() -> None:
-        box.put(router, session.envelope(MsgType.TASK_REPLY, {"status": "error"}), b"a")
+        box.put(router, box.session.envelope(MsgType.TASK_REPLY, {"status": "error"}), b"a")
 
-    box.put(router, session.envelope(MsgType.TASK_REQUEST, {}), b"gone", tell_a)
+    box.put(router, box.session.envelope(MsgType.TASK_REQUEST, {}), b"gone", tell_a)
     box.flush()
 
     ((msg,),) = received(dealers[b"a"])
