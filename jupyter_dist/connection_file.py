@@ -14,6 +14,7 @@ import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import psutil
 from jupyter_core.paths import jupyter_runtime_dir, secure_write
 
 from jupyter_dist.errors import ClusterError, ConnectionFileError
@@ -78,16 +79,20 @@ def read(path: str | os.PathLike[str]) -> ClusterInfo:
 
 
 def is_alive(info: ClusterInfo) -> bool:
-    """Whether the controller still runs (only checkable on its own host; elsewhere assume so)."""
+    """Whether the controller still runs (only checkable on its own host; elsewhere assume so).
+
+    A killed controller whose parent (the kernel that started it) has not
+    reaped it yet is a zombie: its pid exists, but nothing answers there.
+    """
     if info.host != socket.gethostname():
         return True
     try:
-        os.kill(info.controller_pid, 0)
-    except ProcessLookupError:
+        status = psutil.Process(info.controller_pid).status()
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
+    except psutil.AccessDenied:
         return True
-    return True
+    return bool(status != psutil.STATUS_ZOMBIE)
 
 
 def list_running() -> list[tuple[Path, ClusterInfo]]:

@@ -246,6 +246,22 @@ def test_stale_connection_file_is_removed(runtime_dir: Path) -> None:
     assert not path.exists()
 
 
+def test_a_killed_controller_not_yet_reaped_is_not_listed(runtime_dir: Path) -> None:
+    # A controller killed (say by the OOM killer) while the kernel that started it
+    # lives stays a zombie until that kernel reaps it: its pid exists, nothing answers.
+    unreaped = subprocess.Popen([sys.executable, "-c", "pass"])
+    poll_for(lambda: psutil.Process(unreaped.pid).status() == psutil.STATUS_ZOMBIE, 10, "a zombie")
+    info = connection_file.ClusterInfo(
+        "zombie01", "00" * 32, "127.0.0.1", 1, 2, 3, unreaped.pid, os.uname().nodename, 0.0
+    )
+    path = connection_file.write(info)
+    try:
+        assert "zombie01" not in [i.cluster_id for _, i in connection_file.list_running()]
+        assert not path.exists()
+    finally:
+        unreaped.wait()
+
+
 def _start_controller(n: int, orphan_timeout_s: float) -> tuple[subprocess.Popen[bytes], str]:
     cluster_id = f"orphan{os.getpid() % 1000}{n}"
     proc = subprocess.Popen(
