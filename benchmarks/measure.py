@@ -24,28 +24,26 @@ from benchmarks.figures import MB, Sizes
 Samples = dict[str, list[float]]
 
 
-def timed_ms(fn: Callable[[], Any], reps: int, warmup: int = 2) -> list[float]:
-    """Milliseconds of each of ``reps`` calls of ``fn`` after ``warmup`` untimed calls."""
+def _seconds_each(fn: Callable[[], Any], reps: int, warmup: int) -> list[float]:
+    """Seconds of each of ``reps`` calls of ``fn`` after ``warmup`` untimed calls."""
     for _ in range(warmup):
         fn()
     out = []
     for _ in range(reps):
         start = time.perf_counter()
         fn()
-        out.append((time.perf_counter() - start) * 1000)
+        out.append(time.perf_counter() - start)
     return out
+
+
+def timed_ms(fn: Callable[[], Any], reps: int, warmup: int = 2) -> list[float]:
+    """Milliseconds of each of ``reps`` calls of ``fn`` after ``warmup`` untimed calls."""
+    return [s * 1000 for s in _seconds_each(fn, reps, warmup)]
 
 
 def rate(fn: Callable[[], Any], amount: float, reps: int, warmup: int = 1) -> list[float]:
     """``amount`` per second (MB/s, tasks/s) of each of ``reps`` calls of ``fn``."""
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        out.append(amount / (time.perf_counter() - start))
-    return out
+    return [amount / s for s in _seconds_each(fn, reps, warmup)]
 
 
 def mb_per_s(fn: Callable[[], Any], nbytes: int, reps: int, warmup: int = 1) -> list[float]:

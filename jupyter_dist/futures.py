@@ -13,7 +13,7 @@ import functools
 import threading
 import weakref
 from collections.abc import Callable, Generator, Sequence
-from typing import Any, cast
+from typing import Any
 
 from jupyter_dist.errors import (
     ActorDiedError,
@@ -38,7 +38,7 @@ class Future(concurrent.futures.Future[Any]):
 
     # The futures a future made by ``then`` waits on, held until it is done: a
     # MultiFuture's children keep only a weak link to it, so nothing else would.
-    steps: list[Future] | tuple[()] = ()
+    steps: tuple[Future, ...] = ()
 
     def __init__(
         self, task_id: str, engine: int | None = None, on_cancel: Callable[[], None] | None = None
@@ -158,7 +158,7 @@ def then(first: Future, step: Callable[[Any], Any]) -> Future:
     ``first`` finishes, on the client's I/O thread, so it must not wait.
     """
     out = Future(first.id)
-    out.steps = [first]
+    out.steps = (first,)
     out.add_done_callback(_drop_steps)
 
     def take(done: concurrent.futures.Future[Any]) -> None:
@@ -171,7 +171,7 @@ def then(first: Future, step: Callable[[Any], Any]) -> Future:
             out.set_exception(e)
             return
         if isinstance(value, Future):
-            cast(list[Future], out.steps).append(value)
+            out.steps = (*out.steps, value)
             value.add_done_callback(functools.partial(_pass_on, dst=out))
         else:
             out.set_result(value)
@@ -181,7 +181,8 @@ def then(first: Future, step: Callable[[Any], Any]) -> Future:
 
 
 def _drop_steps(future: concurrent.futures.Future[Any]) -> None:
-    cast(Future, future).steps = ()  # their values (maybe large arrays) are not needed any more
+    if isinstance(future, Future):
+        future.steps = ()  # their values (maybe large arrays) are not needed any more
 
 
 def _pass_on(src: concurrent.futures.Future[Any], dst: Future) -> None:

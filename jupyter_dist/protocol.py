@@ -286,6 +286,7 @@ class Session:
         if not isinstance(bodies, list):
             raise ProtocolError("a batch must list its messages")
         signed, raw = msg.envelope.signed, msg.envelope.raw
+        next_signed = next_raw = 0  # the first buffers not yet given to a message
         messages = []
         for body in bodies:
             if not (isinstance(body, list) and len(body) == 4):
@@ -293,12 +294,13 @@ class Session:
             header = _read_header(body[0])
             n_signed = header["signed_buffers"]
             n_raw = len(header["buffer_sizes"]) - n_signed
-            if n_signed < 0 or n_raw < 0 or n_signed > len(signed) or n_raw > len(raw):
+            end_signed, end_raw = next_signed + n_signed, next_raw + n_raw
+            if n_signed < 0 or n_raw < 0 or end_signed > len(signed) or end_raw > len(raw):
                 raise ProtocolError("a message in a batch claims buffers the batch lacks")
-            envelope = Envelope(body, signed[:n_signed], raw[:n_raw])
-            signed, raw = signed[n_signed:], raw[n_raw:]
+            envelope = Envelope(body, signed[next_signed:end_signed], raw[next_raw:end_raw])
+            next_signed, next_raw = end_signed, end_raw
             messages.append(_read_message(header, envelope, _BATCHED_TYPES))
-        if signed or raw:
+        if next_signed != len(signed) or next_raw != len(raw):
             raise ProtocolError("a batch carries buffers none of its messages claims")
         return messages
 

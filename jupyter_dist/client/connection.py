@@ -123,9 +123,8 @@ class Connection:
 
         Runs on the calling thread, so the copy never holds up the I/O thread.
         """
-        if not any(b.nbytes >= shm.SHM_MIN_NBYTES for b in raw):
-            return raw, []
-        if not self.shares_memory_with(engine_ids):
+        has_large = any(b.nbytes >= shm.SHM_MIN_NBYTES for b in raw)
+        if not (has_large and self.shares_memory_with(engine_ids)):
             return raw, []
         return shm.export_buffers(self.shm_pool, raw, shared)
 

@@ -239,12 +239,9 @@ class View:
             else:
                 offsets = itertools.accumulate([0] + [layout.nbytes for layout in layouts[:-1]])
                 writes = [
-                    self._send_serialized(
+                    self._send(
                         engine_id,
                         "pull",
-                        b"",
-                        [],
-                        None,
                         names=[name],
                         into=segment,
                         offset=offset,
@@ -256,7 +253,7 @@ class View:
                 return MultiFuture(
                     new_id(), writes, lambda _: sequences.array_over(view, dtype, shape)
                 )
-        fetches = [self._send_serialized(i, "pull", b"", [], None, names=[name]) for i, _ in kept]
+        fetches = [self._send(i, "pull", names=[name]) for i, _ in kept]
 
         def join_fetched(fetched: list[Any]) -> Any:
             arrays = iter(v[0] for v in fetched)
