@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from jupyter_dist import connection_file
+from jupyter_dist import connection_file, shm
 from jupyter_dist.actor_handle import ActorHandle
 from jupyter_dist.client.connection import Connection
 from jupyter_dist.client.view import View
@@ -189,6 +189,7 @@ class Cluster(View):
         process_gone = time.monotonic() + timeout_s
         while connection_file.path_for(self.id).exists() and time.monotonic() < process_gone:
             time.sleep(0.02)
+        shm.drop_unused_mappings()  # the controller removed the segments: their memory goes now
 
     # ---- engines -----------------------------------------------------
 

@@ -174,11 +174,12 @@ class Controller:
         self.launching[handle.pid] = handle
 
     def _close(self) -> None:
-        if self.connection_path:
-            os.unlink(self.connection_path) if os.path.exists(self.connection_path) else None
         pool = shm.pool_for(self.cluster_id)
         if pool is not None:
             pool.remove_all()  # segments nobody received, or that receivers still held
+        # Last: a client that sees the file gone may give back its mappings of the segments.
+        if self.connection_path:
+            os.unlink(self.connection_path) if os.path.exists(self.connection_path) else None
         for sock in (self.clients, self.engines, self.pub):
             sock.close(linger=0)
         self.loop.close()

@@ -44,6 +44,14 @@ def test_a_stopped_cluster_leaves_no_shared_memory(fresh_cluster: jd.Cluster) ->
     fresh_cluster.stop()
     assert _segments(fresh_cluster) == []
     assert int(value.sum()) == NBYTES  # the mapping outlives the file
+    del value
+    assert _mapped_here(fresh_cluster) == []  # and goes with the last value over it
+
+
+def _mapped_here(cluster: jd.Cluster) -> list[str]:
+    """This process's mappings of the cluster's segments (kept for reuse while their files live)."""
+    with open("/proc/self/maps") as maps:
+        return [line for line in maps if f"{shm.SHM_DIR}/jd-{cluster.id}-" in line]
 
 
 def test_engines_write_large_arrays_of_a_gather_in_place(cluster: jd.Cluster) -> None:

@@ -79,6 +79,46 @@ def test_a_shared_segment_is_mapped_by_many_and_unlinked_by_its_sender(
     assert all(int(v.sum()) == arr.size for v in values)  # mappings outlive the name
 
 
+def _mappings_of(pool: shm.SegmentPool) -> list[str]:
+    """This process's mappings of the pool's files, as /proc/self/maps lists them."""
+    with open("/proc/self/maps") as maps:
+        return [line for line in maps if f" {pool.directory}/" in line]
+
+
+def _address(value: np.ndarray) -> int:
+    return int(value.__array_interface__["data"][0])
+
+
+def test_a_segment_that_comes_round_again_is_not_mapped_again(pool: shm.SegmentPool) -> None:
+    arr = np.ones(shm.SHM_MIN_NBYTES, dtype=np.uint8)
+    addresses = []
+    for _ in range(4):
+        pickled, frames, descriptors = _send(pool, arr)
+        value = serialize.deserialize(pickled, shm.import_buffers(pool, frames, descriptors), "v")
+        addresses.append(_address(value))
+        del value  # back to the pool, still mapped here
+    assert len(set(addresses)) == 1
+    assert len(_mappings_of(pool)) == 1
+
+
+def test_the_mapping_of_a_removed_segment_goes_with_its_last_user(pool: shm.SegmentPool) -> None:
+    pickled, frames, descriptors = _send(pool, np.ones(shm.SHM_MIN_NBYTES, dtype=np.uint8), True)
+    value = serialize.deserialize(pickled, shm.import_buffers(pool, frames, descriptors), "v")
+    pool.unlink([d[1:] for d in descriptors])
+    assert len(_mappings_of(pool)) == 1  # the value still needs it
+    del value
+    assert _mappings_of(pool) == []
+
+
+def test_a_stopped_clusters_mappings_are_given_back(pool: shm.SegmentPool) -> None:
+    for _ in range(2):
+        _send(pool, np.ones(shm.SHM_MIN_NBYTES, dtype=np.uint8))  # sent, never received
+    assert len(_mappings_of(pool)) == 2
+    pool.remove_all()
+    shm.drop_unused_mappings()
+    assert _mappings_of(pool) == []
+
+
 @pytest.mark.parametrize(
     "descriptor",
     [
