@@ -192,6 +192,10 @@ class _MappedFiles:
                 self._by_inode.pop(key, None)
                 excess -= 1
 
+    def unused_nbytes(self) -> int:
+        with self._lock:
+            return sum(m.size for m in self._by_inode.values() if not m.uses)
+
     def drop_unused(self) -> None:
         """Unmap every mapping not in use whose file is gone (a cluster stopped)."""
         with self._lock:
@@ -204,6 +208,11 @@ _mapped_files = _MappedFiles()
 def drop_unused_mappings() -> None:
     """Give back the memory of stopped clusters' segments that this process kept mapped."""
     _mapped_files.drop_unused()
+
+
+def kept_unused_nbytes() -> int:
+    """Bytes of segments this process keeps mapped for reuse but no value uses (all resident)."""
+    return _mapped_files.unused_nbytes()
 
 
 def _as_bytes(view: ctypes.Array[ctypes.c_char]) -> memoryview:

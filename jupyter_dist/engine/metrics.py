@@ -7,6 +7,7 @@ from typing import Any
 
 import psutil
 
+from jupyter_dist import shm
 from jupyter_dist.engine.gpus import GpuProbe, NvmlGpuProbe
 
 RSS_GRANULE_NBYTES = 64 * 1024
@@ -21,8 +22,8 @@ class MetricsSampler:
     nothing new to publish.
     """
 
-    def __init__(self, gpus: GpuProbe | None = None, pid: int | None = None) -> None:
-        self.pid = os.getpid() if pid is None else pid
+    def __init__(self, gpus: GpuProbe | None = None) -> None:
+        self.pid = os.getpid()  # this process: its kept segments are left out of its memory
         self.process = psutil.Process(self.pid)
         self.gpus: GpuProbe = NvmlGpuProbe() if gpus is None else gpus
 
@@ -30,6 +31,8 @@ class MetricsSampler:
         with self.process.oneshot():
             cpu_percent = round(self.process.cpu_percent(None))
             rss_bytes = self.process.memory_info().rss
+        # Segments kept mapped for the next transfer belong to the pool, not to this engine.
+        rss_bytes = max(0, rss_bytes - shm.kept_unused_nbytes())
         return {
             "cpu_percent": cpu_percent,
             # To 64 KiB: an idle engine's RSS moves by a page or two now and then, and

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import psutil
 import pytest
 
+from jupyter_dist import shm
 from jupyter_dist.engine.gpus import NvmlGpuProbe, parse_visible_devices
 from jupyter_dist.engine.metrics import MetricsSampler
 from tests.unit.fake_gpus import FakeDevice, FakeGpuProbe, FakeNvml
@@ -156,6 +158,18 @@ def test_engine_metrics_carry_cpu_memory_and_the_probe_gpus() -> None:
     assert metrics["rss_bytes"] == pytest.approx(psutil.Process().memory_info().rss, rel=0.5)
     assert isinstance(metrics["cpu_percent"], int)
     assert probe.is_closed
+
+
+def test_engine_memory_leaves_out_segments_only_kept_mapped_for_the_next_transfer(
+    tmp_path: Path,
+) -> None:
+    nbytes = 16 * shm.SHM_MIN_NBYTES
+    shm.SegmentPool("c0ffee", directory=str(tmp_path)).export(memoryview(bytes(nbytes)))
+    assert shm.kept_unused_nbytes() >= nbytes  # sent, and kept mapped here
+
+    reported = MetricsSampler(FakeGpuProbe([])).sample()["rss_bytes"]
+
+    assert reported <= psutil.Process().memory_info().rss - nbytes + (1 << 20)
 
 
 @pytest.mark.gpu
