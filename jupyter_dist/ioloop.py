@@ -47,6 +47,7 @@ class IOLoop:
     def __init__(self) -> None:
         self._poller = zmq.Poller()
         self._readers: dict[Any, Callable[[list[zmq.Frame]], None]] = {}
+        self._fd_readers: dict[int, Callable[[], Any]] = {}
         self._timers: list[tuple[float, int, Timer]] = []
         self._counter = itertools.count()
         self._calls: deque[Callable[[], Any]] = deque()
@@ -72,6 +73,15 @@ class IOLoop:
     def remove_socket(self, sock: zmq.Socket[Any]) -> None:
         if self._readers.pop(sock, None) is not None:
             self._poller.unregister(sock)
+
+    def add_reader(self, fd: int, callback: Callable[[], Any]) -> None:
+        """Call ``callback()`` whenever ``fd`` is readable; it must read it, or remove it at its end."""
+        self._fd_readers[fd] = callback
+        self._poller.register(fd, zmq.POLLIN)
+
+    def remove_reader(self, fd: int) -> None:
+        if self._fd_readers.pop(fd, None) is not None:
+            self._poller.unregister(fd)
 
     def at_turn_end(self, callback: Callable[[], Any]) -> None:
         """Run ``callback`` after every turn of the loop (its readers, calls and timers) and before the first.
@@ -119,6 +129,8 @@ class IOLoop:
                 reader = self._readers.get(sock)
                 if reader is not None:
                     self._receive(sock, reader)
+                elif sock in self._fd_readers:
+                    self._run_guarded(self._fd_readers[sock])
             self._run_handed_over()
             self._run_due_timers()
             self._run_turn_end()

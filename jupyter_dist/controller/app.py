@@ -41,7 +41,11 @@ from jupyter_dist.security import is_reachable_from_other_hosts, secure_server, 
 logger = logging.getLogger(__name__)
 
 HEARTBEAT_TIMEOUT_S = 4.0
-CHECK_INTERVAL_S = 0.25
+# Heartbeat timeouts and launches are checked this often; exits of forked engines are
+# reported by their template as they happen.
+CHECK_INTERVAL_S = 1.0
+# A change of state is published this long after it, with the changes made meanwhile.
+PUBLISH_DELAY_S = 0.25
 ORPHAN_TIMEOUT_S = 20.0
 # An engine hears from the controller at least every this many heartbeats (it gives up
 # after 10 s of silence); replying to each one cost two wake-ups per engine and second.
@@ -105,6 +109,8 @@ class Controller:
         self.started = time.monotonic()
         self.last_engine_seen = self.started
         self.is_state_dirty = True  # something may have changed since the last publication
+        self.is_publish_due = False  # a publication is scheduled
+        self.watched_templates: set[int] = set()  # the report pipes of engine templates
         self.state_seq = 0  # numbers each published state, so monitors can order them
         self.published_state: dict[str, Any] = {}
         self.connection_path = ""
@@ -151,6 +157,7 @@ class Controller:
         self.loop.add_socket(self.clients, self._on_client_message)
         self.loop.add_socket(self.engines, self._on_engine_message)
         self.loop.call_later(CHECK_INTERVAL_S, self._check_engines)
+        self._state_changed()
         for _ in range(n_engines):
             self._launch_engine(None)
         return self.connection_path
@@ -172,6 +179,16 @@ class Controller:
             return
         handle = self.start_engine(self.connection_path, engine_id)
         self.launching[handle.pid] = handle
+        template = getattr(handle, "template", None)  # a forked engine's: it reports exits
+        if template is not None and template.fileno() not in self.watched_templates:
+            self.watched_templates.add(template.fileno())
+            self.loop.add_reader(template.fileno(), lambda: self._on_template_report(template))
+
+    def _on_template_report(self, template: Any) -> None:
+        self._check_exits()
+        if template.has_ended:  # engines it forked are now checked once a second
+            self.loop.remove_reader(template.fileno())
+            self.watched_templates.discard(template.fileno())
 
     def _close(self) -> None:
         pool = shm.pool_for(self.cluster_id)
@@ -308,7 +325,7 @@ class Controller:
             logger.warning("dropped a task_request reusing task id %s", record.task_id)
             return
         self.tasks.add(record)
-        self.is_state_dirty = True
+        self._state_changed()
         if record.kind.startswith("actor_"):
             self._on_actor_request(record, msg)
             return
@@ -359,7 +376,7 @@ class Controller:
             if engine is not None and task_id in list(engine.in_flight)[1:]:
                 self.cancelling.add(task_id)
                 self._send_engine(engine, MsgType.STEAL_REQUEST, {"task_ids": [task_id]})
-        self.is_state_dirty = True
+        self._state_changed()
         self._reply(ident, MsgType.CANCEL_REPLY, {"cancelled": cancelled}, msg)
 
     def _on_interrupt(self, ident: bytes, msg: Message) -> None:
@@ -496,7 +513,7 @@ class Controller:
             self.actors.remove(actor, death)
             for task_id in list(actor.pending):
                 self._fail_actor_call(actor, task_id, f"{death} before this call finished")
-            self.is_state_dirty = True
+            self._state_changed()
         self._send_to_actor(record, actor, msg.envelope)
 
     def _create_actor(self, record: TaskRecord, msg: Message) -> None:
@@ -528,7 +545,7 @@ class Controller:
             max_restarts=int(content.get("max_restarts", 0)),
         )
         self.actors.add(actor)
-        self.is_state_dirty = True
+        self._state_changed()
         self._send_to_actor(record, actor, msg.envelope)
 
     def _send_to_actor(self, record: TaskRecord, actor: ActorRecord, envelope: Envelope) -> None:
@@ -559,7 +576,7 @@ class Controller:
                     self._fail_actor_call(actor, task_id, death)
             elif record.kind == "actor_call":
                 actor.calls_done += 1
-            self.is_state_dirty = True
+            self._state_changed()
         if not record.is_finished:
             self._finish(record, msg)
 
@@ -639,7 +656,7 @@ class Controller:
             actor = self.actors.get(msg.content.get("actor_id", ""))
             if actor is not None and actor.engine_id == engine.engine_id:
                 actor.state = msg.content.get("state")
-                self.is_state_dirty = True
+                self._state_changed()
         elif msg.msg_type in (MsgType.STREAM, MsgType.DISPLAY_DATA, MsgType.EXECUTE_RESULT):
             self._forward_output(msg)
         elif msg.msg_type == MsgType.STEAL_REPLY:
@@ -648,7 +665,7 @@ class Controller:
             metrics = msg.content.get("metrics", {})
             if metrics != engine.metrics:
                 engine.metrics = metrics
-                self.is_state_dirty = True
+                self._state_changed()
             engine.heartbeats += 1
             if engine.heartbeats % HEARTBEATS_PER_REPLY == 0:
                 self._send_engine(engine, MsgType.HEARTBEAT_REPLY, {})
@@ -668,7 +685,7 @@ class Controller:
         self._send_engine(
             engine, MsgType.REGISTER_REPLY, {"status": "ok", "engine_id": engine.engine_id}
         )
-        self.is_state_dirty = True
+        self._state_changed()
         self._dispatch_balanced()
 
     def _on_task_reply(self, engine: EngineRecord, msg: Message) -> None:
@@ -686,7 +703,7 @@ class Controller:
             return
         if record is not None:
             self._finish(record, msg)
-        self.is_state_dirty = True
+        self._state_changed()
         self.is_dispatch_due = True
 
     def _finish(self, record: TaskRecord, reply: Message) -> None:
@@ -741,9 +758,23 @@ class Controller:
 
     def _check_engines(self) -> None:
         now = time.monotonic()
+        self._check_exits()
+        for engine in self.registry.live():
+            if now - engine.last_seen > HEARTBEAT_TIMEOUT_S:
+                self._on_engine_death(engine, None)
+        if self.registry.live() or self.launching:
+            self.last_engine_seen = max(self.last_engine_seen, now)
+        elif now - self.last_engine_seen > self.orphan_timeout_s:
+            logger.error("no engines for %.0f s; the cluster stops", self.orphan_timeout_s)
+            self.shutdown()
+            return
+        self.loop.call_later(CHECK_INTERVAL_S, self._check_engines)
+
+    def _check_exits(self) -> None:
+        """Engines whose process ended are dead; started ones that ended unregistered failed."""
         for engine in self.registry.live():
             exit_code = engine.process.poll() if engine.process is not None else None
-            if exit_code is not None or now - engine.last_seen > HEARTBEAT_TIMEOUT_S:
+            if exit_code is not None:
                 self._on_engine_death(engine, exit_code)
         for pid, handle in list(self.launching.items()):
             exit_code = handle.poll()
@@ -753,15 +784,7 @@ class Controller:
                 self.launch_failures.append(
                     {"pid": pid, "exit_code": exit_code, "log": getattr(handle, "log_path", "")}
                 )
-                self.is_state_dirty = True
-        if self.registry.live() or self.launching:
-            self.last_engine_seen = max(self.last_engine_seen, now)
-        elif now - self.last_engine_seen > self.orphan_timeout_s:
-            logger.error("no engines for %.0f s; the cluster stops", self.orphan_timeout_s)
-            self.shutdown()
-            return
-        self._publish_state()  # on the same timer: one wake-up, not two (idle CPU)
-        self.loop.call_later(CHECK_INTERVAL_S, self._check_engines)
+                self._state_changed()
 
     def _on_engine_death(self, engine: EngineRecord, exit_code: int | None) -> None:
         """Fail the task the engine was running; give its unstarted balanced tasks to others."""
@@ -776,7 +799,7 @@ class Controller:
         logger.error(
             "engine %d (pid %d) died, exit code %s", engine.engine_id, engine.pid, exit_code
         )
-        self.is_state_dirty = True
+        self._state_changed()
         in_flight = list(engine.in_flight)
         engine.in_flight.clear()
         requeue: list[TaskRecord] = []
@@ -806,8 +829,16 @@ class Controller:
 
     # ---- state for monitors ---------------------------------------------
 
+    def _state_changed(self) -> None:
+        """Publish the state soon; an idle cluster publishes nothing and wakes no one."""
+        self.is_state_dirty = True
+        if not self.is_publish_due:
+            self.is_publish_due = True
+            self.loop.call_later(PUBLISH_DELAY_S, self._publish_state)
+
     def _publish_state(self) -> None:
-        """Publish the state if it changed since the last publication (every ``CHECK_INTERVAL_S``)."""
+        """Publish the state if it changed since the last publication."""
+        self.is_publish_due = False
         if self.is_state_dirty:
             self.is_state_dirty = False
             state = self._status()

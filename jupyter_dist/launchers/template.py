@@ -139,6 +139,11 @@ class EngineTemplate:
         self._pending = b""
         self._started: list[int] = []
         self.exit_codes: dict[int, int] = {}
+        self.has_ended = False  # its output closed: it reports nothing more
+
+    def fileno(self) -> int:
+        """Readable when the template reports (a fork, an exit) or has ended."""
+        return self._out
 
     def is_alive(self) -> bool:
         return self.process.poll() is None
@@ -165,6 +170,9 @@ class EngineTemplate:
         try:
             chunk = os.read(self._out, 65536)
         except BlockingIOError:
+            return
+        if not chunk:
+            self.has_ended = True
             return
         self._pending += chunk
         while b"\n" in self._pending:

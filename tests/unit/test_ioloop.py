@@ -9,6 +9,7 @@ from __future__ import annotations
 import fcntl
 import functools
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -339,3 +340,24 @@ def test_at_turn_end_runs_before_the_first_poll(loop: IOLoop) -> None:
     loop.stop()
     join(loop, thread)
     assert events[0] == "end"
+
+
+def test_a_file_reader_runs_while_its_file_is_readable_until_removed(loop: IOLoop) -> None:
+    read_fd, write_fd = os.pipe()
+    seen: list[bytes] = []
+
+    def on_readable() -> None:
+        chunk = os.read(read_fd, 100)
+        if chunk:
+            seen.append(chunk)
+        else:  # the writer closed: nothing more will come
+            loop.remove_reader(read_fd)
+            loop.stop()
+
+    loop.add_reader(read_fd, on_readable)
+    thread = start(loop)
+    os.write(write_fd, b"exited 42\n")
+    os.close(write_fd)
+    join(loop, thread)
+    os.close(read_fd)
+    assert seen == [b"exited 42\n"]
