@@ -319,6 +319,16 @@ def test_silent_engine_is_declared_dead_by_heartbeat(fresh_cluster: jd.Cluster) 
     assert c.run("'ok'") == ["ok"]
 
 
+def test_a_silent_idle_engine_is_declared_dead_too(fresh_cluster: jd.Cluster) -> None:
+    c = fresh_cluster
+    victim = c.status()[1]  # idle: it beats every 2 s, not every second
+    started = time.monotonic()
+    os.kill(victim.pid, signal.SIGSTOP)
+    poll_for(lambda: c.status()[1].state == "dead", 10, "engine 1 declared dead")
+    assert time.monotonic() - started < 6
+    assert c[0].run("'ok'") == "ok"
+
+
 def test_cancel_stops_work_that_has_not_started(cluster: jd.Cluster, tmp_path: Path) -> None:
     marker = tmp_path / "ran"
     blocker = cluster[0].run("import time; time.sleep(1)", block=False)
