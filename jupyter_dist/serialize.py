@@ -58,6 +58,8 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
         torch = sys.modules.get("torch")
         if torch is not None and type(obj) is torch.Tensor:
             return _reduce_tensor(obj)
+        if obj is _load_function:
+            return NotImplemented  # a module's function: pickled by name, no lookup needed
         if type(obj) is types.FunctionType and self._is_caching_functions:
             blob = _pickled_function(obj)
             if blob is not None:
@@ -117,12 +119,12 @@ def _captured(fn: types.FunctionType) -> tuple[Any, ...] | None:
 
 def _pickled_function(fn: types.FunctionType) -> bytes | None:
     """The cached by-value pickle of ``fn``, made anew when what it captured changed."""
-    if cloudpickle.cloudpickle._should_pickle_by_reference(fn):
+    cached = _function_cache.get(fn)  # first: a cached function is known to go by value
+    if cached is None and cloudpickle.cloudpickle._should_pickle_by_reference(fn):
         return None
     captured = _captured(fn)
     if captured is None:
         return None
-    cached = _function_cache.get(fn)
     if (
         cached is not None
         and len(cached[0]) == len(captured)
