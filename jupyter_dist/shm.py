@@ -179,22 +179,34 @@ class _MappedFiles:
             released()  # may remove the file: then the mapping goes too
         with self._lock:
             mapping.uses -= 1
-            if not mapping.uses and not mapping.is_live() and self._by_inode.get(key) is mapping:
+            if mapping.uses or self._by_inode.get(key) is not mapping:
+                return
+            if not mapping.is_live() or mapping.size > POOL_MAX_NBYTES:  # gone, or never pooled
                 del self._by_inode[key]  # unmapped as soon as the view is gone
 
     def _drop_unused(self) -> None:
-        """Unmap what no one uses whose file is gone, and the oldest beyond ``MAX_KEPT_MAPPINGS``."""
+        """Unmap what no one uses whose file is gone, and the oldest beyond the limits.
+
+        At most ``MAX_KEPT_MAPPINGS`` mappings, and no more unused bytes than
+        the pool keeps: a file the pool removes stays in memory while mapped.
+        """
         excess = len(self._by_inode) - MAX_KEPT_MAPPINGS
+        excess_nbytes = self._unused_nbytes() - POOL_MAX_NBYTES
         for key, mapping in list(self._by_inode.items()):
             if mapping.uses:
                 continue
-            if (excess > 0 or not mapping.is_live()) and mapping.close():
+            too_many = excess > 0 or excess_nbytes > 0
+            if (too_many or not mapping.is_live()) and mapping.close():
                 self._by_inode.pop(key, None)
                 excess -= 1
+                excess_nbytes -= mapping.size
 
     def unused_nbytes(self) -> int:
         with self._lock:
-            return sum(m.size for m in self._by_inode.values() if not m.uses)
+            return self._unused_nbytes()
+
+    def _unused_nbytes(self) -> int:
+        return sum(m.size for m in self._by_inode.values() if not m.uses)
 
     def drop_unused(self) -> None:
         """Unmap every mapping not in use whose file is gone (a cluster stopped)."""
@@ -206,7 +218,7 @@ _mapped_files = _MappedFiles()
 
 
 def drop_unused_mappings() -> None:
-    """Give back the memory of stopped clusters' segments that this process kept mapped."""
+    """Give back the memory of removed segments (a stopped cluster's, a full pool's) kept mapped here."""
     _mapped_files.drop_unused()
 
 

@@ -229,6 +229,7 @@ class Engine:
             logger.error("the controller is gone (silent for %.0f s); engine exits", silent_s)
             self._shutdown()
             return
+        shm.drop_unused_mappings()  # segments another process removed: their memory goes now
         if self.registered.is_set():
             self._send(
                 MsgType.HEARTBEAT_REQUEST,

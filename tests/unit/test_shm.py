@@ -119,6 +119,23 @@ def test_a_stopped_clusters_mappings_are_given_back(pool: shm.SegmentPool) -> No
     assert _mappings_of(pool) == []
 
 
+def test_a_segment_too_large_for_the_pool_is_not_kept_mapped(
+    pool: shm.SegmentPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(shm, "POOL_MAX_NBYTES", shm.SHM_MIN_NBYTES)
+    _send(pool, np.ones(2 * shm.SHM_MIN_NBYTES, dtype=np.uint8))  # its receiver will remove it
+    assert _mappings_of(pool) == []
+
+
+def test_unused_mappings_hold_no_more_than_the_pool_keeps(
+    pool: shm.SegmentPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(shm, "POOL_MAX_NBYTES", 3 * shm.SHM_MIN_NBYTES)
+    for _ in range(6):
+        _send(pool, np.ones(shm.SHM_MIN_NBYTES, dtype=np.uint8))  # six segments, none received
+    assert len(_mappings_of(pool)) <= 4  # the pool's worth, and the newest
+
+
 @pytest.mark.parametrize(
     "descriptor",
     [
