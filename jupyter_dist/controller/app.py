@@ -110,6 +110,7 @@ class Controller:
         self.last_engine_seen = self.started
         self.is_state_dirty = True  # something may have changed since the last publication
         self.is_publish_due = False  # a publication is scheduled
+        self.is_shutting_down = False
         self.watched_templates: set[int] = set()  # the report pipes of engine templates
         self.state_seq = 0  # numbers each published state, so monitors can order them
         self.published_state: dict[str, Any] = {}
@@ -206,6 +207,7 @@ class Controller:
     def shutdown(self) -> None:
         """Stop every engine (kill those that linger), then end the loop."""
         logger.info("shutting down cluster %s", self.cluster_id)
+        self.is_shutting_down = True  # engines that end now were told to
         for engine in self.registry.live():
             self._send_engine(engine, MsgType.SHUTDOWN_REQUEST, {})
         handles = [e.process for e in self.registry.all() if e.process is not None]
@@ -772,6 +774,8 @@ class Controller:
 
     def _check_exits(self) -> None:
         """Engines whose process ended are dead; started ones that ended unregistered failed."""
+        if self.is_shutting_down:
+            return
         for engine in self.registry.live():
             exit_code = engine.process.poll() if engine.process is not None else None
             if exit_code is not None:

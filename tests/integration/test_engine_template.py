@@ -39,3 +39,10 @@ def test_the_template_ends_with_its_cluster(fresh_cluster: jd.Cluster) -> None:
     template = _template(fresh_cluster)
     fresh_cluster.stop()
     poll_for(lambda: not template.is_running(), 10, "the engine template exited")
+
+
+def test_a_stop_ends_engines_without_reporting_them_dead(fresh_cluster: jd.Cluster) -> None:
+    log = connection_file.runtime_dir() / f"jupyter-dist-{fresh_cluster.id}-controller.log"
+    fresh_cluster.stop()
+    poll_for(lambda: "stopped" in log.read_text(), 10, "the controller logged its stop")
+    assert "died" not in log.read_text()  # engines told to stop did not die
