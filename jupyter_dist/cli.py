@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from jupyter_dist import connection_file
 from jupyter_dist.errors import JupyterDistError
@@ -95,7 +96,20 @@ def _cmd_controller(args: argparse.Namespace) -> int:
     )
     controller.start(args.n)
     controller.serve()
-    return 0
+    _exit_now()
+
+
+def _exit_now() -> NoReturn:
+    """End a background process whose sockets and files are closed, without freeing its heap.
+
+    Freeing it took the controller about 0.9 s of CPU after 40,000 tasks and
+    the engine template 1.8 s, after `Cluster.stop` had returned: work that
+    slowed whatever the user ran next.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _cmd_engine(args: argparse.Namespace) -> int:
@@ -117,7 +131,7 @@ def _cmd_engine_template(args: argparse.Namespace) -> int:
         return 0
 
     template.serve(run_engine)
-    return 0
+    _exit_now()
 
 
 def build_parser() -> argparse.ArgumentParser:
