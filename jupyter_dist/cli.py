@@ -102,9 +102,9 @@ def _cmd_controller(args: argparse.Namespace) -> int:
 def _exit_now() -> NoReturn:
     """End a background process whose sockets and files are closed, without freeing its heap.
 
-    Freeing it took the controller about 0.9 s of CPU after 40,000 tasks and
-    the engine template 1.8 s, after `Cluster.stop` had returned: work that
-    slowed whatever the user ran next.
+    Freeing it took the controller about 1 s of CPU after 40,000 tasks, after
+    `Cluster.stop` had returned, and the engine template waited for it: work
+    that slowed whatever the user ran next.
     """
     logging.shutdown()
     sys.stdout.flush()

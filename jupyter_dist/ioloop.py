@@ -129,8 +129,10 @@ class IOLoop:
                 reader = self._readers.get(sock)
                 if reader is not None:
                     self._receive(sock, reader)
-                elif sock in self._fd_readers:
-                    self._run_guarded(self._fd_readers[sock])
+                    continue
+                fd_reader = self._fd_readers.get(sock)
+                if fd_reader is not None:
+                    self._run_guarded(fd_reader)
             self._run_handed_over()
             self._run_due_timers()
             self._run_turn_end()

@@ -209,7 +209,7 @@ class _MappedFiles:
         return sum(m.size for m in self._by_inode.values() if not m.uses)
 
     def drop_unused(self) -> None:
-        """Unmap every mapping not in use whose file is gone (a cluster stopped)."""
+        """Unmap what no one uses whose file is gone (a cluster stopped, a full pool), or beyond the limits."""
         with self._lock:
             self._drop_unused()
 

@@ -48,16 +48,21 @@ def test_garbage_sent_to_the_state_publisher_changes_nothing(
     assert cluster.run("'still serving'") == ["still serving", "still serving"]
 
 
+def _marking_task(tmp_path: Path, task_id: str) -> tuple[Path, dict[str, object]]:
+    """A task request for engine 0 whose cell, if it ever ran, would create the returned file."""
+    marker = tmp_path / "ran"
+    code = f"open({str(marker)!r}, 'w').write('ran')"
+    return marker, {"task_id": task_id, "kind": "execute", "target": 0, "code": code}
+
+
 @pytest.mark.parametrize("port_name", ["client_port", "engine_port"])
 def test_forged_and_truncated_messages_are_dropped_and_never_run(
     cluster: jd.Cluster, runtime_dir: Path, zmq_ctx: zmq.Context, tmp_path: Path, port_name: str
 ) -> None:
     info = connection_file.read(cluster.connection_file)
     sock = _raw_dealer(zmq_ctx, info.url(getattr(info, port_name)))
-    marker = tmp_path / "ran"
-    code = f"open({str(marker)!r}, 'w').write('ran')"
+    marker, content = _marking_task(tmp_path, "forged-" + port_name)
     forger = Session(b"not-the-cluster-key")
-    content = {"task_id": "forged-" + port_name, "kind": "execute", "target": 0, "code": code}
     sock.send_multipart(forger.pack(MsgType.TASK_REQUEST, content))
     honest = Session(bytes.fromhex(info.key))
     frames = honest.pack(MsgType.TASK_REQUEST, {**content, "task_id": "truncated-" + port_name})
@@ -85,9 +90,7 @@ def test_a_forged_or_broken_batch_is_dropped_whole_and_never_run(
     info = connection_file.read(cluster.connection_file)
     sock = _raw_dealer(zmq_ctx, info.url(getattr(info, port_name)))
     logged_before = len(_controller_log(runtime_dir, cluster))
-    marker = tmp_path / "ran"
-    code = f"open({str(marker)!r}, 'w').write('ran')"
-    content = {"task_id": "batched-" + port_name, "kind": "execute", "target": 0, "code": code}
+    marker, content = _marking_task(tmp_path, "batched-" + port_name)
     forger = Session(b"not-the-cluster-key")
     envelopes = [
         forger.envelope(MsgType.TASK_REQUEST, {**content, "task_id": f"f{i}"}) for i in (1, 2)
