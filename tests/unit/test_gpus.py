@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 import psutil
 import pytest
 
 from jupyter_dist import shm
+from jupyter_dist.engine import metrics
 from jupyter_dist.engine.gpus import NvmlGpuProbe, parse_visible_devices
 from jupyter_dist.engine.metrics import MetricsSampler
 from tests.unit.fake_gpus import FakeDevice, FakeGpuProbe, FakeNvml
@@ -155,9 +157,37 @@ def test_engine_metrics_carry_cpu_memory_and_the_probe_gpus() -> None:
     sampler.close()
 
     assert metrics["gpus"] == gpu
-    assert metrics["rss_bytes"] == pytest.approx(psutil.Process().memory_info().rss, rel=0.5)
+    own_rss = psutil.Process().memory_info().rss - shm.kept_unused_nbytes()
+    assert metrics["rss_bytes"] == pytest.approx(own_rss, rel=0.05)
     assert isinstance(metrics["cpu_percent"], int)
     assert probe.is_closed
+
+
+def test_engine_cpu_percent_is_the_cpu_used_since_the_previous_sample() -> None:
+    sampler = MetricsSampler(FakeGpuProbe([]))
+    time.sleep(0.3)
+    idle = sampler.sample()["cpu_percent"]
+    end = time.monotonic() + 0.3
+    while time.monotonic() < end:
+        pass
+    busy = sampler.sample()["cpu_percent"]
+    sampler.close()
+
+    assert idle < 20
+    assert busy > 60
+
+
+def test_engine_memory_comes_from_psutil_where_there_is_no_proc(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(metrics, "STATM_PATH", "/nonexistent/statm")
+    sampler = MetricsSampler(FakeGpuProbe([]))
+
+    rss_bytes = sampler.sample()["rss_bytes"]
+    sampler.close()
+
+    own_rss = psutil.Process().memory_info().rss - shm.kept_unused_nbytes()
+    assert rss_bytes == pytest.approx(own_rss, rel=0.05)
 
 
 def test_engine_memory_leaves_out_segments_only_kept_mapped_for_the_next_transfer(
