@@ -67,10 +67,17 @@ def catalog(sizes: Sizes) -> list[Figure]:
     mb = f"{sizes.nbytes / MB:g} MB"
     return [
         Figure("roundtrip_direct", "no-op round trip, one engine, direct", "ms", True),
+        Figure("roundtrip_direct_cpu", "CPU of all processes per direct round trip", "ms", True),
         Figure("roundtrip_balanced", "no-op round trip, load-balanced", "ms", True),
         Figure("throughput", f"{sizes.tasks:,} no-op tasks on {small} engines", "tasks/s", False),
         Figure("broadcast_small", f"broadcast a tiny statement to {small} engines", "ms", True),
         Figure("broadcast_large", f"broadcast a tiny statement to {large} engines", "ms", True),
+        Figure(
+            "broadcast_large_cpu",
+            f"CPU of all processes per broadcast to {large} engines",
+            "ms",
+            True,
+        ),
         Figure("push", f"push {mb} numpy to one engine", "MB/s", False),
         Figure("pull", f"pull {mb} numpy from one engine", "MB/s", False),
         Figure("scatter", f"scatter {mb} over {small} engines", "MB/s", False),

@@ -122,16 +122,37 @@ def _cpu_seconds(pids: Iterable[int]) -> dict[int, float]:
     return out
 
 
-def idle_cpu_percent(window_s: float) -> float:
-    """CPU used by this process and its descendants over ``window_s`` idle seconds, in % of one core."""
+def _tree_cpu_seconds_during(fn: Callable[[], Any]) -> float:
+    """CPU seconds this process and its descendants (the whole cluster) spend while ``fn`` runs."""
     pids = tree_pids()
     before = _cpu_seconds(pids)
-    start = time.perf_counter()
-    time.sleep(window_s)
+    fn()
     after = _cpu_seconds(pids)
-    elapsed = time.perf_counter() - start
-    used = sum(after[pid] - before[pid] for pid in after if pid in before)
-    return 100.0 * used / elapsed
+    return sum(after[pid] - before[pid] for pid in after if pid in before)
+
+
+def idle_cpu_percent(window_s: float) -> float:
+    """CPU used by this process and its descendants over ``window_s`` idle seconds, in % of one core."""
+    start = time.perf_counter()
+    used = _tree_cpu_seconds_during(lambda: time.sleep(window_s))
+    return 100.0 * used / (time.perf_counter() - start)
+
+
+def record_timed_with_cpu(
+    samples: Samples, key: str, fn: Callable[[], Any], reps: int, warmup: int = 2
+) -> None:
+    """Record each call's milliseconds as ``key``, and as ``key_cpu`` the CPU milliseconds
+    that all the cluster's processes spent per call over the same calls.
+
+    On two cores a round trip's processes mostly run one after the other, so
+    its latency is bounded below by the CPU they spend on it.
+    """
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    used_s = _tree_cpu_seconds_during(lambda: times.extend(timed_ms(fn, reps, warmup=0)))
+    record(samples, key, times)
+    record(samples, f"{key}_cpu", 1000.0 * used_s / reps)
 
 
 def record(samples: Samples, key: str, values: list[float] | float) -> None:

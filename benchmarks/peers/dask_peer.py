@@ -25,6 +25,7 @@ from benchmarks.measure import (
     rate,
     record,
     record_idle,
+    record_timed_with_cpu,
     run_clusters,
     timed_ms,
 )
@@ -66,10 +67,11 @@ def small_cluster_figures(handle: Handle, sizes: Sizes, samples: Samples) -> Non
     workers = sorted(client.scheduler_info()["workers"])
     w0 = workers[0]
     reps = sizes.roundtrip_reps
-    record(
+    record_timed_with_cpu(
         samples,
         "roundtrip_direct",
-        timed_ms(lambda: client.submit(noop, pure=False, workers=[w0]).result(60), reps),
+        lambda: client.submit(noop, pure=False, workers=[w0]).result(60),
+        reps,
     )
     record(
         samples,
@@ -120,10 +122,8 @@ def small_cluster_figures(handle: Handle, sizes: Sizes, samples: Samples) -> Non
 
 def large_cluster_figures(handle: Handle, sizes: Sizes, samples: Samples) -> None:
     client = handle[1]
-    record(
-        samples,
-        "broadcast_large",
-        timed_ms(lambda: client.run(tiny_statement), sizes.broadcast_reps),
+    record_timed_with_cpu(
+        samples, "broadcast_large", lambda: client.run(tiny_statement), sizes.broadcast_reps
     )
     record_idle(samples, sizes, lambda: client.run(os.getpid).values(), None)
 

@@ -17,6 +17,7 @@ from benchmarks.measure import (
     rate,
     record,
     record_idle,
+    record_timed_with_cpu,
     run_clusters,
     timed_ms,
 )
@@ -52,7 +53,7 @@ def small_cluster_figures(handle: Handle, sizes: Sizes, samples: Samples) -> Non
     e0 = rc[0]
     lview = rc.load_balanced_view()
     reps = sizes.roundtrip_reps
-    record(samples, "roundtrip_direct", timed_ms(lambda: e0.apply_sync(noop), reps))
+    record_timed_with_cpu(samples, "roundtrip_direct", lambda: e0.apply_sync(noop), reps)
     record(samples, "roundtrip_balanced", timed_ms(lambda: lview.apply_sync(noop), reps))
 
     def many() -> None:
@@ -100,10 +101,11 @@ def _controller_pids(engine_pids: set[int]) -> list[int]:
 
 def large_cluster_figures(handle: Handle, sizes: Sizes, samples: Samples) -> None:
     everyone = handle[1][:]
-    record(
+    record_timed_with_cpu(
         samples,
         "broadcast_large",
-        timed_ms(lambda: everyone.execute("a = 1", block=True), sizes.broadcast_reps),
+        lambda: everyone.execute("a = 1", block=True),
+        sizes.broadcast_reps,
     )
     engine_pids = set(everyone.apply_sync(os.getpid))
     record_idle(samples, sizes, lambda: engine_pids, lambda: _controller_pids(engine_pids))

@@ -15,6 +15,7 @@ from benchmarks.measure import (
     rate,
     record,
     record_idle,
+    record_timed_with_cpu,
     run_clusters,
     timed_ms,
 )
@@ -42,7 +43,7 @@ def stop(c: jd.Cluster) -> float:
 def small_cluster_figures(c: jd.Cluster, sizes: Sizes, samples: Samples) -> None:
     e0 = c[0]
     reps = sizes.roundtrip_reps
-    record(samples, "roundtrip_direct", timed_ms(lambda: e0.apply(noop), reps))
+    record_timed_with_cpu(samples, "roundtrip_direct", lambda: e0.apply(noop), reps)
     record(samples, "roundtrip_balanced", timed_ms(lambda: c.submit(noop).result(60), reps))
 
     def many() -> None:
@@ -64,7 +65,7 @@ def small_cluster_figures(c: jd.Cluster, sizes: Sizes, samples: Samples) -> None
 
 
 def large_cluster_figures(c: jd.Cluster, sizes: Sizes, samples: Samples) -> None:
-    record(samples, "broadcast_large", timed_ms(lambda: c.run("a = 1"), sizes.broadcast_reps))
+    record_timed_with_cpu(samples, "broadcast_large", lambda: c.run("a = 1"), sizes.broadcast_reps)
     controller = connection_file.read(c.connection_file).controller_pid
     record_idle(samples, sizes, lambda: [e.pid for e in c.status()], lambda: [controller])
 

@@ -26,6 +26,7 @@ from benchmarks.measure import (
     rate,
     record,
     record_idle,
+    record_timed_with_cpu,
     run_clusters,
     timed_ms,
 )
@@ -79,7 +80,7 @@ def stop(actors: list[Any]) -> float:
 def small_cluster_figures(actors: list[Any], sizes: Sizes, samples: Samples) -> None:
     a0 = actors[0]
     reps = sizes.roundtrip_reps
-    record(samples, "roundtrip_direct", timed_ms(lambda: ray.get(a0.noop.remote()), reps))
+    record_timed_with_cpu(samples, "roundtrip_direct", lambda: ray.get(a0.noop.remote()), reps)
     record(samples, "roundtrip_balanced", timed_ms(lambda: ray.get(noop.remote()), reps))
     record(
         samples,
@@ -126,10 +127,11 @@ def _controller_pids() -> list[int]:
 
 
 def large_cluster_figures(actors: list[Any], sizes: Sizes, samples: Samples) -> None:
-    record(
+    record_timed_with_cpu(
         samples,
         "broadcast_large",
-        timed_ms(lambda: ray.get([a.run.remote("a = 1") for a in actors]), sizes.broadcast_reps),
+        lambda: ray.get([a.run.remote("a = 1") for a in actors]),
+        sizes.broadcast_reps,
     )
     record_idle(samples, sizes, lambda: ray.get([a.pid.remote() for a in actors]), _controller_pids)
 

@@ -17,13 +17,10 @@ from benchmarks.figures import Sizes, catalog
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_every_benchmark_runs_once_with_tiny_sizes(tmp_path: Path) -> None:
-    out = tmp_path / "samples.json"
+def _run_module(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m <args>`` from the repository root; fail the test if it fails."""
     proc = subprocess.run(
-        [
-            *(sys.executable, "-m", "benchmarks", "--quick", "--peers", "jupyter_dist,floors"),
-            *("--json", str(out), "--timeout", "90"),
-        ],
+        [sys.executable, "-m", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -31,8 +28,26 @@ def test_every_benchmark_runs_once_with_tiny_sizes(tmp_path: Path) -> None:
         check=False,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def test_every_benchmark_runs_once_with_tiny_sizes(tmp_path: Path) -> None:
+    out = tmp_path / "samples.json"
+    proc = _run_module(
+        *("benchmarks", "--quick", "--peers", "jupyter_dist,floors"),
+        *("--json", str(out), "--timeout", "90"),
+    )
     results = json.loads(out.read_text())["results"]
     for figure in catalog(Sizes.quick()):
         peer = "floors" if figure.key.startswith("floor_") else "jupyter_dist"
         assert results[peer].get(figure.key), f"{figure.key} was not measured:\n{proc.stderr}"
     assert "| figure | unit | jupyter-dist |" in proc.stdout
+
+
+def test_the_cpu_breakdown_names_every_process_of_both_calls() -> None:
+    proc = _run_module("benchmarks.cpu_breakdown", "--calls", "10")
+    round_trip, broadcast = proc.stdout.split("broadcast of")
+    for label in ("client", "controller", "engine 0"):
+        assert f"  {label} " in round_trip
+    assert "  engine 7 " in broadcast
+    assert round_trip.count("all threads:") == broadcast.count("all threads:") == 1
