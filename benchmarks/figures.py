@@ -93,6 +93,12 @@ def catalog(sizes: Sizes) -> list[Figure]:
         Figure("idle_cpu", f"idle CPU of a {large}-engine cluster", "% core", True),
         Figure("floor_broker_roundtrip", "floor: pyzmq round trip via a Python broker", "ms", True),
         Figure("floor_broker_pipelined", "floor: the same, pipelined", "msgs/s", False),
+        Figure(
+            "floor_parts_roundtrip",
+            "floor: round trip through jupyter-dist's client and engine parts, no controller",
+            "ms",
+            True,
+        ),
         Figure("floor_zmq_send", f"floor: one {mb} pyzmq copy=False send, TCP", "MB/s", False),
         Figure("floor_tcp_send", f"floor: {mb} over a plain TCP socket", "MB/s", False),
         Figure("floor_memcpy", f"floor: memcpy of {mb}", "MB/s", False),

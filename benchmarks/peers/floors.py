@@ -5,16 +5,25 @@
   echo worker in another: the client -> controller -> engine path with
   nothing but ``recv_multipart``/``send_multipart``. Round trip and
   pipelined messages per second.
+* jupyter-dist's own parts with no controller between them: a client
+  whose I/O thread sends and receives for the calling thread, and an engine
+  whose I/O thread hands each task to its main thread, both speaking the
+  signed wire protocol, running ``apply(noop)``. What the direct round trip
+  could take if nothing but these parts were on its path.
 * One large message over TCP loopback with pyzmq ``copy=False``, and the
   same bytes over a plain TCP socket; memcpy of the same size.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import multiprocessing
+import os
+import queue
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -22,6 +31,10 @@ import zmq
 
 from benchmarks.figures import Sizes
 from benchmarks.measure import Samples, mb_per_s, peer_main, record, timed_ms
+from jupyter_dist.ioloop import IOLoop
+from jupyter_dist.outbox import Outbox
+from jupyter_dist.protocol import Message, MsgType, Session, unpack_or_drop
+from jupyter_dist.serialize import deserialize, serialize
 
 
 def _broker(client_url: Any, worker_url: Any) -> None:
@@ -100,6 +113,85 @@ def broker_floor(sizes: Sizes, samples: Samples) -> None:
     ctx.term()
 
 
+def _noop() -> None:
+    return None
+
+
+class _Peer:
+    """One end of the parts floor: a session and an I/O thread's loop that owns ``sock``."""
+
+    def __init__(self, key: bytes, sock: zmq.Socket) -> None:
+        self.session = Session(key)
+        self.sock = sock
+        self.loop = IOLoop()
+        self.outbox = Outbox(self.session)
+        self.loop.at_turn_end(self.outbox.flush)
+
+    def serve(self, on_message: Callable[[list[bytes], Message], None]) -> None:
+        def receive(frames: list[zmq.Frame]) -> None:
+            unpacked = unpack_or_drop(self.session, frames, "the floor's peer")
+            if unpacked is not None:
+                idents, messages = unpacked
+                for msg in messages:
+                    on_message(idents, msg)
+
+        self.loop.add_socket(self.sock, receive)
+        threading.Thread(target=self.loop.run, daemon=True).start()
+
+    def send(
+        self, msg_type: MsgType, content: dict[str, Any], pickled: bytes, ident: bytes
+    ) -> None:
+        """Send from any thread, through the I/O thread."""
+        envelope = self.session.envelope(msg_type, content, signed_buffers=[pickled])
+        self.loop.call_soon_threadsafe(lambda: self.outbox.put(self.sock, envelope, ident))
+
+
+def _parts_engine(key: bytes, url: Any) -> None:
+    sock = _unbounded(zmq.Context().socket(zmq.ROUTER))
+    url.put(f"tcp://127.0.0.1:{sock.bind_to_random_port('tcp://127.0.0.1')}")
+    engine = _Peer(key, sock)
+    tasks: queue.SimpleQueue[tuple[bytes, Message]] = queue.SimpleQueue()
+    engine.serve(lambda idents, msg: tasks.put((idents[0], msg)))
+    while True:  # the main thread runs tasks, as an engine's does
+        ident, msg = tasks.get()
+        fn, args, kwargs = deserialize(msg.signed_buffers[0], msg.raw_buffers, "a task")
+        pickled, _ = serialize(fn(*args, **kwargs), "a result")
+        reply = {"task_id": msg.content["task_id"], "status": "ok"}
+        engine.send(MsgType.TASK_REPLY, reply, pickled, ident)
+
+
+def parts_floor(sizes: Sizes, samples: Samples) -> None:
+    key = os.urandom(32)
+    mp = multiprocessing.get_context("spawn")
+    url = mp.Queue()
+    engine = mp.Process(target=_parts_engine, args=(key, url), daemon=True)
+    engine.start()
+    sock = _unbounded(zmq.Context().socket(zmq.DEALER))
+    sock.connect(url.get(timeout=30))
+    client = _Peer(key, sock)
+    pending: dict[str, concurrent.futures.Future[Any]] = {}
+
+    def resolve(idents: list[bytes], msg: Message) -> None:
+        pending.pop(msg.content["task_id"]).set_result(
+            deserialize(msg.signed_buffers[0], msg.raw_buffers, "a result")
+        )
+
+    client.serve(resolve)
+    calls = iter(range(1 << 62))
+
+    def roundtrip() -> None:
+        task_id = str(next(calls))
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        pending[task_id] = future
+        pickled, _ = serialize((_noop, (), {}), "a task")
+        client.send(MsgType.TASK_REQUEST, {"task_id": task_id, "kind": "apply"}, pickled, b"")
+        future.result(30)
+
+    record(samples, "floor_parts_roundtrip", timed_ms(roundtrip, sizes.roundtrip_reps, 20))
+    engine.kill()
+    client.loop.stop()
+
+
 def zmq_send_floor(sizes: Sizes, samples: Samples) -> None:
     ctx = zmq.Context()
     pull = ctx.socket(zmq.PULL)
@@ -154,6 +246,7 @@ def memcpy_floor(sizes: Sizes, samples: Samples) -> None:
 
 def run(sizes: Sizes, samples: Samples) -> None:
     broker_floor(sizes, samples)
+    parts_floor(sizes, samples)
     zmq_send_floor(sizes, samples)
     tcp_send_floor(sizes, samples)
     memcpy_floor(sizes, samples)
