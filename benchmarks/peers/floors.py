@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import multiprocessing
 import os
 import queue
@@ -136,7 +137,14 @@ class _Peer:
                     on_message(idents, msg)
 
         self.loop.add_socket(self.sock, receive)
-        threading.Thread(target=self.loop.run, daemon=True).start()
+        self.thread = threading.Thread(target=self.loop.run, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.loop.stop()
+        self.thread.join(10)
+        self.sock.close(linger=0)
+        self.loop.close()
 
     def send(
         self, msg_type: MsgType, content: dict[str, Any], pickled: bytes, ident: bytes
@@ -177,7 +185,7 @@ def parts_floor(sizes: Sizes, samples: Samples) -> None:
         )
 
     client.serve(resolve)
-    calls = iter(range(1 << 62))
+    calls = itertools.count()
 
     def roundtrip() -> None:
         task_id = str(next(calls))
@@ -189,7 +197,7 @@ def parts_floor(sizes: Sizes, samples: Samples) -> None:
 
     record(samples, "floor_parts_roundtrip", timed_ms(roundtrip, sizes.roundtrip_reps, 20))
     engine.kill()
-    client.loop.stop()
+    client.close()
 
 
 def zmq_send_floor(sizes: Sizes, samples: Samples) -> None:
