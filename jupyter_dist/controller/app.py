@@ -108,8 +108,7 @@ class Controller:
         self.launch_failures: list[dict[str, Any]] = []
         self.started = time.monotonic()
         self.last_engine_seen = self.started
-        self.is_state_dirty = True  # something may have changed since the last publication
-        self.is_publish_due = False  # a publication is scheduled
+        self.is_publish_due = False  # something changed: a publication is scheduled
         self.is_shutting_down = False
         self.watched_templates: set[int] = set()  # the report pipes of engine templates
         self.state_seq = 0  # numbers each published state, so monitors can order them
@@ -835,21 +834,18 @@ class Controller:
 
     def _state_changed(self) -> None:
         """Publish the state soon; an idle cluster publishes nothing and wakes no one."""
-        self.is_state_dirty = True
         if not self.is_publish_due:
             self.is_publish_due = True
             self.loop.call_later(PUBLISH_DELAY_S, self._publish_state)
 
     def _publish_state(self) -> None:
-        """Publish the state if it changed since the last publication."""
+        """Publish the state if it differs from the last publication."""
         self.is_publish_due = False
-        if self.is_state_dirty:
-            self.is_state_dirty = False
-            state = self._status()
-            state.pop("seq")
-            if state != self.published_state:
-                self.published_state = state
-                self.state_seq += 1
-                self.pub.send_multipart(
-                    self.session.pack(MsgType.STATE, {**state, "seq": self.state_seq})
-                )
+        state = self._status()
+        state.pop("seq")
+        if state != self.published_state:
+            self.published_state = state
+            self.state_seq += 1
+            self.pub.send_multipart(
+                self.session.pack(MsgType.STATE, {**state, "seq": self.state_seq})
+            )
