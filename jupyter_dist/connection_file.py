@@ -15,9 +15,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import psutil
-from jupyter_core.paths import jupyter_runtime_dir, secure_write
+from jupyter_core.paths import jupyter_runtime_dir
 
 from jupyter_dist.errors import ClusterError, ConnectionFileError
+from jupyter_dist.private_file import write_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -55,10 +56,9 @@ def path_for(cluster_id: str) -> Path:
 
 
 def write(info: ClusterInfo) -> Path:
-    """Write the connection file with mode 0600, readable by its owner only."""
+    """Write the connection file, whole in one step, with mode 0600 (readable by its owner only)."""
     path = path_for(info.cluster_id)
-    with secure_write(str(path)) as f:
-        json.dump(asdict(info), f, indent=1)
+    write_atomically(path, json.dumps(asdict(info), indent=1))
     return path
 
 

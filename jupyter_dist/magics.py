@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 import jupyter_dist as jd
 from jupyter_dist import connection_file
 from jupyter_dist.errors import describe_exit_code
+from jupyter_dist.private_file import write_atomically
 
 INTERRUPT_GRACE_S = 5.0
 LAUNCHERS = ("local",)
@@ -153,7 +154,7 @@ class DistMagics(Magics):
         self.shell.user_ns["dist_cluster"] = cluster
         if is_owner:
             for key in _owner_keys():
-                _owner_file(key).write_text(json.dumps({"cluster_id": cluster.id}))
+                write_atomically(_owner_file(key), json.dumps({"cluster_id": cluster.id}))
 
     def reattach(self) -> None:
         """After a kernel restart: connect again to the cluster this notebook started, if it runs."""
