@@ -1,11 +1,14 @@
 """Split sequences into balanced chunks for scatter, and join chunks back for gather.
 
-Lists, tuples, numpy arrays and torch tensors, along axis 0. Slices of
-arrays and tensors are views, so scattering copies nothing here.
+Any sliceable sequence (lists, tuples, ranges, strings, numpy arrays, torch
+tensors, pandas frames and series), along axis 0, so that what was
+scattered gathers back as it was. Slices of arrays and tensors are views,
+so scattering copies nothing here.
 """
 
 from __future__ import annotations
 
+import itertools
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -28,9 +31,10 @@ def chunk_bounds(length: int, parts: int) -> list[tuple[int, int]]:
 
 def split(seq: Any, parts: int, name: str) -> list[Any]:
     """Cut ``seq`` into ``parts`` balanced chunks along axis 0."""
+    rows = getattr(seq, "iloc", seq)  # pandas: by position, whatever the index
     try:
         length = len(seq)
-        return [seq[start:stop] for start, stop in chunk_bounds(length, parts)]
+        return [rows[start:stop] for start, stop in chunk_bounds(length, parts)]
     except TypeError as e:
         raise JupyterDistError(
             f"Cannot scatter {name!r} ({type(seq).__name__}): it has no length or cannot be sliced. "
@@ -57,6 +61,10 @@ def join(chunks: Sequence[Any], name: str, allocate: Allocator | None = None) ->
         return [item for chunk in chunks for item in chunk]
     if isinstance(first, tuple):
         return tuple(item for chunk in chunks for item in chunk)
+    if isinstance(first, range):
+        return _join_ranges(chunks)
+    if isinstance(first, str | bytes | bytearray):
+        return first[:0].join(chunks)
     numpy = sys.modules.get("numpy")
     if numpy is not None and isinstance(first, numpy.ndarray):
         if any(getattr(c, "ndim", 1) == 0 for c in chunks):
@@ -68,10 +76,27 @@ def join(chunks: Sequence[Any], name: str, allocate: Allocator | None = None) ->
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(first, torch.Tensor):
         return torch.cat(list(chunks))
+    pandas = sys.modules.get("pandas")
+    if pandas is not None and isinstance(first, pandas.DataFrame | pandas.Series):
+        return pandas.concat(list(chunks))
+    if isinstance(first, Sequence):
+        return [item for chunk in chunks for item in chunk]
     raise JupyterDistError(
-        f"Cannot gather {name!r}: the engines hold {type(first).__name__} values, "
-        "not lists, tuples, numpy arrays or torch tensors. Use `c.pull(...)` to get each engine's value."
+        f"Cannot gather {name!r}: the engines hold {type(first).__name__} values, which are not "
+        "sequences (lists, tuples, ranges, strings, numpy arrays, torch tensors, pandas frames). "
+        "Use `c.pull(...)` to get each engine's value."
     )
+
+
+def _join_ranges(chunks: Sequence[Any]) -> range | list[Any]:
+    """Consecutive slices of one range join into that range; other ranges into a list."""
+    first = chunks[0]
+    is_one_range = all(isinstance(c, range) and c.step == first.step for c in chunks) and all(
+        b.start == a.stop for a, b in itertools.pairwise(chunks)
+    )
+    if is_one_range:
+        return range(first.start, chunks[-1].stop, first.step)
+    return [item for chunk in chunks for item in chunk]
 
 
 def joined_shape(layouts: Sequence[shm.ArrayLayout]) -> tuple[int, ...] | None:

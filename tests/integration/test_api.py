@@ -63,8 +63,19 @@ def test_pull_of_an_unknown_name_raises_a_name_error(cluster: jd.Cluster) -> Non
         np.arange(30).reshape(10, 3),
         torch.arange(9),
         list(range(1)),
+        range(3, 50, 4),
+        "scattered text",
     ],
-    ids=["list", "tuple", "ndarray", "ndarray-2d", "tensor", "fewer-items-than-engines"],
+    ids=[
+        "list",
+        "tuple",
+        "ndarray",
+        "ndarray-2d",
+        "tensor",
+        "fewer-items-than-engines",
+        "range",
+        "str",
+    ],
 )
 def test_scatter_gather_round_trip_keeps_type_and_order(cluster: jd.Cluster, data: object) -> None:
     cluster.scatter("part", data)

@@ -104,13 +104,43 @@ def test_split_explains_what_cannot_be_scattered(value: Any) -> None:
 
 @pytest.mark.parametrize(
     "chunks",
-    [[1, 2], [{"a": 1}, {"b": 2}], ["ab", "cd"]],
-    ids=["ints", "dicts", "strings"],
+    [[1, 2], [{"a": 1}, {"b": 2}], [None, None]],
+    ids=["ints", "dicts", "Nones"],
 )
 def test_join_explains_what_cannot_be_gathered(chunks: list[Any]) -> None:
     with pytest.raises(JupyterDistError) as caught:
         join(chunks, "result")
 
     message = str(caught.value)
-    assert f"Cannot gather 'result': the engines hold {type(chunks[0]).__name__} values" in message
+    assert (
+        f"Cannot gather 'result': the engines hold {type(chunks[0]).__name__} values, which are not sequences"
+        in message
+    )
     assert "c.pull(" in message
+
+
+@pytest.mark.parametrize("parts", [1, 3, 4, 12])
+@pytest.mark.parametrize(
+    "value",
+    [range(10), range(3, 40, 7), range(10, 0, -2), "abcdefghij", b"abcdefghij", bytearray(b"xyz")],
+    ids=["range", "stepped-range", "falling-range", "str", "bytes", "bytearray"],
+)
+def test_split_then_join_gives_back_what_was_scattered(value: Any, parts: int) -> None:
+    joined = join(split(value, parts, "x"), "x")
+    assert type(joined) is type(value)
+    assert joined == value
+
+
+def test_ranges_that_do_not_follow_each_other_join_into_a_list() -> None:
+    assert join([range(0, 2), range(10, 12)], "x") == [0, 1, 10, 11]
+
+
+def test_split_then_join_gives_back_a_pandas_frame_by_position() -> None:
+    import pandas
+
+    frame = pandas.DataFrame({"a": range(7), "b": list("abcdefg")}, index=list(range(70, 0, -10)))
+    chunks = split(frame, 3, "df")
+    assert [len(c) for c in chunks] == [3, 2, 2]
+    pandas.testing.assert_frame_equal(join(chunks, "df"), frame)
+    series = frame["a"]
+    pandas.testing.assert_series_equal(join(split(series, 2, "s"), "s"), series)
