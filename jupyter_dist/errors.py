@@ -6,6 +6,7 @@ Every message says what happened, to what, and what to do next::
     ├── ClusterError                no cluster, cannot connect, cannot start
     │   ├── ConnectionFileError     a connection file is missing or unreadable
     │   ├── NoEnginesError          the cluster has no engines to run on
+    │   ├── ControllerGoneError     the controller died or stopped answering
     │   └── LauncherError           a controller or engine process did not start
     ├── EngineDiedError             an engine died while it held the work
     ├── ActorDiedError              an actor's engine died
@@ -28,6 +29,7 @@ __all__ = [
     "ClusterError",
     "CompositeRemoteError",
     "ConnectionFileError",
+    "ControllerGoneError",
     "DistTimeoutError",
     "EngineDiedError",
     "JupyterDistError",
@@ -46,6 +48,19 @@ class JupyterDistError(Exception):
 
 class ClusterError(JupyterDistError):
     """There is no cluster, or it cannot be reached or started."""
+
+
+class ControllerGoneError(ClusterError):
+    """The cluster's controller died or stopped answering: its work is lost."""
+
+    def __init__(self, cluster_id: str, reason: str) -> None:
+        self.cluster_id = cluster_id
+        self.reason = reason
+        super().__init__(
+            f"The controller of cluster {cluster_id!r} is gone ({reason}), and with it the work "
+            "it held; its engines stop by themselves. Start a new cluster with `%dist start -n 4` "
+            "or `jd.Cluster.start(n=4)`."
+        )
 
 
 class ConnectionFileError(ClusterError):

@@ -34,10 +34,23 @@ def runtime_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     old = os.environ.get("JUPYTER_RUNTIME_DIR")
     os.environ["JUPYTER_RUNTIME_DIR"] = str(path)
     yield path
+    leaked = _end_running_clusters()
     if old is None:
         del os.environ["JUPYTER_RUNTIME_DIR"]
     else:
         os.environ["JUPYTER_RUNTIME_DIR"] = old
+    if leaked:
+        pytest.fail(f"clusters outlived the tests that started them, now killed: {leaked}")
+
+
+def _end_running_clusters() -> list[str]:
+    """Kill every cluster still running in the session's runtime dir: controller, template, engines."""
+    running = connection_file.list_running()
+    for _, info in running:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            controller = psutil.Process(info.controller_pid)
+            _kill_tree([controller])
+    return [info.cluster_id for _, info in running]
 
 
 def _print_logs(runtime: Path, cluster_id: str) -> None:

@@ -20,7 +20,7 @@ from jupyter_dist.actor_handle import ActorHandle
 from jupyter_dist.client.connection import Connection
 from jupyter_dist.client.view import View
 from jupyter_dist.connection_file import ClusterInfo
-from jupyter_dist.errors import ClusterError, ConnectionFileError, DistTimeoutError, LauncherError
+from jupyter_dist.errors import ClusterError, DistTimeoutError, LauncherError
 from jupyter_dist.futures import Future, MultiFuture
 from jupyter_dist.launchers import local
 from jupyter_dist.protocol import MsgType
@@ -136,12 +136,9 @@ class Cluster(View):
         path = connection_file.path_for(cluster_id)
         deadline = time.monotonic() + timeout_s
         while True:
-            if path.exists():
-                try:
-                    info = connection_file.read(path)
-                    break
-                except ConnectionFileError:
-                    pass  # being written right now
+            if path.exists():  # written whole, in one step
+                info = connection_file.read(path)
+                break
             if process.poll() is not None:
                 raise LauncherError(
                     f"The controller of cluster {cluster_id!r} exited with code {process.returncode} "
@@ -181,7 +178,10 @@ class Cluster(View):
         self.connection.close()
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """Stop the controller and every engine, then detach."""
+        """Stop the controller and every engine, then detach (a controller found gone is left so)."""
+        if self.connection.is_controller_gone:
+            self.connection.close()
+            return
         try:
             self.connection.request(MsgType.SHUTDOWN_REQUEST, {}, timeout_s)
         finally:

@@ -3,14 +3,22 @@
 The notebook's main thread may be blocked in a cell, so replies and output
 are received here and handed over through ``concurrent.futures`` futures.
 Other threads never touch the socket: they hand their sends to the loop.
+
+A controller that dies must not leave a cell waiting forever: the I/O
+thread beats every second (the controller also learns from it which
+clients are attached) and checks that the controller lives, by its pid on
+this host, or by its answers from another host. When it is gone, every
+pending future and every later call fails with ``ControllerGoneError``.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import logging
+import socket
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -19,8 +27,14 @@ import zmq
 from jupyter_dist import shm
 from jupyter_dist.actor_handle import register_caller, unregister_caller
 from jupyter_dist.client.output import OutputGroup, OutputRouter
-from jupyter_dist.connection_file import ClusterInfo
-from jupyter_dist.errors import ClusterError, DistTimeoutError, EngineDiedError, SerializationError
+from jupyter_dist.connection_file import ClusterInfo, is_alive
+from jupyter_dist.errors import (
+    ClusterError,
+    ControllerGoneError,
+    DistTimeoutError,
+    EngineDiedError,
+    SerializationError,
+)
 from jupyter_dist.futures import Future, error_from_reply
 from jupyter_dist.ioloop import IOLoop
 from jupyter_dist.outbox import Outbox
@@ -37,6 +51,11 @@ from jupyter_dist.security import secure_client
 from jupyter_dist.serialize import deserialize, serialize
 
 logger = logging.getLogger(__name__)
+
+HEARTBEAT_INTERVAL_S = 1.0
+# A controller on another host that answers none of this many seconds of beats is gone.
+# On this host its pid says so at once, and a busy controller is never taken for dead.
+CONTROLLER_SILENCE_S = 4.0
 
 
 class Connection:
@@ -59,6 +78,9 @@ class Connection:
         self._tasks: dict[str, Future] = {}
         self._requests: dict[str, concurrent.futures.Future[Message]] = {}
         self._is_closed = False
+        self._gone: ControllerGoneError | None = None  # set once the controller is found gone
+        self._is_controller_local = info.host == socket.gethostname()
+        self._last_heard = time.monotonic()
         self._execution_count = 0
         self.host = shm.host_name()
         self.shm_pool = shm.pool_for(info.cluster_id)
@@ -196,13 +218,20 @@ class Connection:
             return
         self._is_closed = True
         unregister_caller(self.info.cluster_id, self)
-        self._loop.stop()
+        if self._gone is None:  # else the loop ended itself
+            self._loop.stop()
         self._thread.join(5)
 
     def _forget_request(self, msg_id: str) -> None:
         self._requests.pop(msg_id, None)
 
+    @property
+    def is_controller_gone(self) -> bool:
+        return self._gone is not None
+
     def _call(self, fn: Callable[[], None]) -> None:
+        if self._gone is not None:
+            raise self._gone
         if self._is_closed:
             raise ClusterError(
                 f"This client is closed; reconnect with `jd.Cluster.connect({self.info.cluster_id!r})`."
@@ -226,19 +255,49 @@ class Connection:
         secure_client(sub, self.info)
         sub.connect(self.info.url(self.info.pub_port))
         self._loop.add_socket(sub, self._on_message)
+        self._loop.call_later(HEARTBEAT_INTERVAL_S, self._heartbeat)
         try:
             self._loop.run()
         finally:
             sub.close(linger=0)
-            sock.close(linger=1000)
+            sock.close(linger=0 if self._gone else 1000)
             self._loop.close()
             self._ctx.term()
-            error = ClusterError(
-                f"The client of cluster {self.info.cluster_id!r} was closed before this finished."
+            self._fail_pending(
+                self._gone
+                or ClusterError(
+                    f"The client of cluster {self.info.cluster_id!r} was closed before this finished."
+                )
             )
-            for future in [*self._tasks.values(), *self._requests.values()]:
-                if not future.done():
-                    future.set_exception(error)
+
+    def _fail_pending(self, error: ClusterError) -> None:
+        for future in [*self._tasks.values(), *self._requests.values()]:
+            if not future.done():
+                future.set_exception(error)
+        self._tasks.clear()
+        self._requests.clear()
+
+    def _heartbeat(self) -> None:
+        """Tell the controller this client is attached; end everything if it is gone."""
+        if self._is_controller_local:
+            reason = (
+                None if is_alive(self.info) else f"its process {self.info.controller_pid} ended"
+            )
+        else:
+            silent_s = time.monotonic() - self._last_heard
+            reason = (
+                f"it did not answer for {silent_s:.0f} s"
+                if silent_s > CONTROLLER_SILENCE_S
+                else None
+            )
+        if reason is not None:
+            self._gone = ControllerGoneError(self.info.cluster_id, reason)
+            logger.error("%s", self._gone)
+            self._fail_pending(self._gone)
+            self._loop.stop()
+            return
+        self._send(self.session.envelope(MsgType.HEARTBEAT_REQUEST, {}))
+        self._loop.call_later(HEARTBEAT_INTERVAL_S, self._heartbeat)
 
     def _send(self, envelope: Envelope) -> None:
         assert self._sock is not None
@@ -247,6 +306,7 @@ class Connection:
     def _on_message(self, frames: list[zmq.Frame]) -> None:
         unpacked = unpack_or_drop(self.session, frames, "the controller")
         if unpacked is not None:
+            self._last_heard = time.monotonic()
             for msg in unpacked[1]:
                 self._handle(msg)
 
@@ -268,7 +328,7 @@ class Connection:
             self._resolve_task(msg)
         elif msg.msg_type == MsgType.STATE:
             self.update_state(msg.content)
-        else:
+        elif msg.msg_type != MsgType.HEARTBEAT_REPLY:
             future = self._requests.pop(msg.parent.get("msg_id", ""), None)
             if future is not None and not future.done():
                 future.set_result(msg)

@@ -111,6 +111,7 @@ class Controller:
         self.is_publish_due = False  # something changed: a publication is scheduled
         self.is_shutting_down = False
         self.watched_templates: set[int] = set()  # the report pipes of engine templates
+        self.clients_seen: dict[bytes, float] = {}  # attached clients: when each last beat
         self.state_seq = 0  # numbers each published state, so monitors can order them
         self.published_state: dict[str, Any] = {}
         self.connection_path = ""
@@ -292,6 +293,11 @@ class Controller:
     def _on_connect(self, ident: bytes, msg: Message) -> None:
         self._reply(ident, MsgType.CONNECT_REPLY, self._status(), msg)
 
+    def _on_client_heartbeat(self, ident: bytes, msg: Message) -> None:
+        """A client beats every second while attached; the answer tells it this controller lives."""
+        self.clients_seen[ident] = time.monotonic()
+        self._reply(ident, MsgType.HEARTBEAT_REPLY, {}, msg)
+
     def _on_status(self, ident: bytes, msg: Message) -> None:
         self._reply(ident, MsgType.STATUS_REPLY, self._status(), msg)
 
@@ -421,6 +427,7 @@ class Controller:
 
     _client_handlers: ClassVar[dict[str, Callable[[Controller, bytes, Message], None]]] = {
         MsgType.CONNECT_REQUEST: _on_connect,
+        MsgType.HEARTBEAT_REQUEST: _on_client_heartbeat,
         MsgType.STATUS_REQUEST: _on_status,
         MsgType.TASK_REQUEST: _on_task,
         MsgType.RESULT_REQUEST: _on_result,

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import secrets
 import signal
 import stat
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -18,7 +21,7 @@ import zmq
 import jupyter_dist as jd
 from jupyter_dist import connection_file
 from jupyter_dist.protocol import DELIM, MsgType, Session
-from tests.waiting import poll_for
+from tests.waiting import poll_for, wait_for_exit
 
 
 def _controller_log(runtime_dir: Path, cluster: jd.Cluster) -> str:
@@ -217,12 +220,14 @@ def test_cli_start_list_status_stop(runtime_dir: Path) -> None:
     started = _cli("start", "-n", "1")
     assert started.returncode == 0, started.stderr
     cluster_id = started.stdout.strip()
-    assert cluster_id in _cli("list").stdout
-    status = _cli("status", cluster_id)
-    assert status.returncode == 0, status.stderr
-    assert "idle" in status.stdout
     controller_pid = connection_file.read(connection_file.path_for(cluster_id)).controller_pid
-    stopped = _cli("stop", cluster_id)
+    try:
+        assert cluster_id in _cli("list").stdout
+        status = _cli("status", cluster_id)
+        assert status.returncode == 0, status.stderr
+        assert "idle" in status.stdout
+    finally:
+        stopped = _cli("stop", cluster_id)
     assert stopped.returncode == 0, stopped.stderr
     poll_for(lambda: not psutil.pid_exists(controller_pid), 10, "controller gone")
     assert cluster_id not in _cli("list").stdout
@@ -241,11 +246,19 @@ def test_stale_connection_file_is_removed(runtime_dir: Path) -> None:
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     info = connection_file.ClusterInfo(
-        "stale01", "00" * 32, "127.0.0.1", 1, 2, 3, dead.pid, os.uname().nodename, 0.0
+        f"stale-{secrets.token_hex(4)}",
+        "00" * 32,
+        "127.0.0.1",
+        1,
+        2,
+        3,
+        dead.pid,
+        os.uname().nodename,
+        0.0,
     )
     path = connection_file.write(info)
     assert path.exists()
-    assert "stale01" not in [i.cluster_id for _, i in connection_file.list_running()]
+    assert info.cluster_id not in [i.cluster_id for _, i in connection_file.list_running()]
     assert not path.exists()
 
 
@@ -255,55 +268,84 @@ def test_a_killed_controller_not_yet_reaped_is_not_listed(runtime_dir: Path) -> 
     unreaped = subprocess.Popen([sys.executable, "-c", "pass"])
     poll_for(lambda: psutil.Process(unreaped.pid).status() == psutil.STATUS_ZOMBIE, 10, "a zombie")
     info = connection_file.ClusterInfo(
-        "zombie01", "00" * 32, "127.0.0.1", 1, 2, 3, unreaped.pid, os.uname().nodename, 0.0
+        f"zombie-{secrets.token_hex(4)}",
+        "00" * 32,
+        "127.0.0.1",
+        1,
+        2,
+        3,
+        unreaped.pid,
+        os.uname().nodename,
+        0.0,
     )
     path = connection_file.write(info)
     try:
-        assert "zombie01" not in [i.cluster_id for _, i in connection_file.list_running()]
+        assert info.cluster_id not in [i.cluster_id for _, i in connection_file.list_running()]
         assert not path.exists()
     finally:
         unreaped.wait()
 
 
-def _start_controller(n: int, orphan_timeout_s: float) -> tuple[subprocess.Popen[bytes], str]:
-    cluster_id = f"orphan{os.getpid() % 1000}{n}"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jupyter_dist.cli", "controller", "--cluster-id", cluster_id, "-n", str(n),
-         "--orphan-timeout", str(orphan_timeout_s)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
-    return proc, cluster_id
+@pytest.fixture
+def detached_controller(runtime_dir: Path) -> Iterator[Callable[[int, float], str]]:
+    """Start controllers as `jupyter-dist controller` does, each under a unique cluster id.
 
+    Teardown kills whatever of theirs still runs (controller, engine template,
+    engines), found by the pids they had, also when the test failed midway.
+    """
+    started: list[subprocess.Popen[bytes]] = []
+    family: list[psutil.Process] = []
 
-def test_controller_exits_when_all_its_engines_vanished(runtime_dir: Path) -> None:
-    proc, cluster_id = _start_controller(2, orphan_timeout_s=2)
-    try:
+    def start(n: int, orphan_timeout_s: float) -> str:
+        cluster_id = f"orphan-{secrets.token_hex(4)}"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "jupyter_dist.cli", "controller", "--cluster-id", cluster_id,
+             "-n", str(n), "--orphan-timeout", str(orphan_timeout_s)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+        started.append(proc)
         poll_for(lambda: connection_file.path_for(cluster_id).exists(), 30, "connection file")
         c = jd.Cluster.connect(cluster_id)
-        c.wait_for_engines(2, 30)
-        pids = [e.pid for e in c.status()]
-        c.close()
-        for pid in pids:
-            os.kill(pid, signal.SIGKILL)
-        assert proc.wait(timeout=30) == 0
-        assert not connection_file.path_for(cluster_id).exists()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+        try:
+            c.wait_for_engines(n, 30)
+        finally:
+            family.extend(psutil.Process(proc.pid).children(recursive=True))
+            c.close()
+        return cluster_id
+
+    yield start
+    for proc in started:
+        proc.kill()
+        proc.wait()
+    for member in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.kill()
 
 
-def test_engines_exit_when_their_controller_vanished(runtime_dir: Path) -> None:
-    proc, cluster_id = _start_controller(2, orphan_timeout_s=20)
-    poll_for(lambda: connection_file.path_for(cluster_id).exists(), 30, "connection file")
+def test_controller_exits_when_all_its_engines_vanished(
+    detached_controller: Callable[[int, float], str],
+) -> None:
+    cluster_id = detached_controller(2, 2)
     c = jd.Cluster.connect(cluster_id)
-    c.wait_for_engines(2, 30)
-    engines = [psutil.Process(e.pid) for e in c.status()]
+    controller = psutil.Process(connection_file.read(c.connection_file).controller_pid)
+    pids = [e.pid for e in c.status()]
     c.close()
-    proc.kill()
-    proc.wait()
-    _, alive = psutil.wait_procs(engines, timeout=30)
-    assert not alive
-    connection_file.path_for(cluster_id).unlink(missing_ok=True)
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    assert controller.wait(timeout=30) == 0
+    assert not connection_file.path_for(cluster_id).exists()
+
+
+def test_engines_exit_when_their_controller_vanished(
+    detached_controller: Callable[[int, float], str],
+) -> None:
+    cluster_id = detached_controller(2, 20)
+    c = jd.Cluster.connect(cluster_id)
+    engine_pids = [e.pid for e in c.status()]
+    controller = psutil.Process(connection_file.read(c.connection_file).controller_pid)
+    c.close()
+    controller.kill()
+    assert wait_for_exit(engine_pids, 30) == []
 
 
 def test_silent_engine_is_declared_dead_by_heartbeat(fresh_cluster: jd.Cluster) -> None:
@@ -369,3 +411,47 @@ def test_cluster_listening_beyond_loopback_encrypts_with_curve(
 
 def test_cluster_on_loopback_does_not_need_curve(cluster: jd.Cluster) -> None:
     assert connection_file.read(cluster.connection_file).curve_public_key == ""
+
+
+def test_a_killed_controller_fails_pending_work_and_new_calls_within_seconds(
+    fresh_cluster: jd.Cluster,
+) -> None:
+    c = fresh_cluster
+    engine_pids = [e.pid for e in c.status()]
+    pending = c.submit(time.sleep, 30)
+    poll_for(lambda: any(e.state == "busy" for e in c.status()), 10, "the task running")
+    controller = psutil.Process(connection_file.read(c.connection_file).controller_pid)
+    controller.kill()
+    killed = time.monotonic()
+    with pytest.raises(jd.ControllerGoneError, match=r"is gone \(its process \d+ ended\)"):
+        pending.result(timeout=20)
+    assert time.monotonic() - killed < 5
+    with pytest.raises(jd.ClusterError, match="Start a new cluster with `%dist start -n 4`"):
+        c.run("1")
+    c.stop()  # nothing is left to stop: it returns
+    assert wait_for_exit(engine_pids, 30) == [], "engines outlived their controller"
+
+
+def test_a_silent_controller_on_another_host_is_taken_for_gone(
+    fresh_cluster: jd.Cluster, tmp_path: Path
+) -> None:
+    # Only silence can tell a client that a controller elsewhere is gone: give the
+    # client a connection file that names another host, then stop the controller.
+    fields = json.loads(Path(fresh_cluster.connection_file).read_text())
+    remote_view = tmp_path / "elsewhere.json"
+    remote_view.write_text(json.dumps({**fields, "host": "elsewhere"}))
+    c = jd.Cluster.connect(str(remote_view))
+    controller = psutil.Process(fields["controller_pid"])
+    pending = c.submit(time.sleep, 30)
+    controller.suspend()
+    try:
+        stopped = time.monotonic()
+        with pytest.raises(jd.ControllerGoneError, match="did not answer for"):
+            pending.result(timeout=20)
+        assert time.monotonic() - stopped < 7
+        with pytest.raises(jd.ControllerGoneError):
+            c.status()
+    finally:
+        controller.resume()
+        c.close()
+    assert fresh_cluster.run("'still serving'") == ["still serving", "still serving"]
