@@ -10,20 +10,20 @@ session's ``runtime_dir``, so clusters that tests start with
 
 from __future__ import annotations
 
-import json
-import os
 import secrets
-import signal
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.waiting import poll_for
+from tests.browser.lab_server import (
+    BASE_URLS,
+    LAB_START_TIMEOUT_S,
+    LOG_TAIL_CHARS,
+    Lab,
+    LabServer,
+)
 
 if TYPE_CHECKING:
     from playwright.sync_api import Locator, Page
@@ -39,8 +39,6 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 SCREENSHOTS = Path(__file__).parent / "screenshots"
-LAB_START_TIMEOUT_S = 60
-LOG_TAIL_CHARS = 3000
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -51,70 +49,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(skip)
 
 
-@dataclass
-class Lab:
-    name: str  # "root" or "base-url"
-    url: str  # ends with the base URL's slash
-    token: str
-    log: Path
-
-
-BASE_URLS = {"root": "/", "base-url": "/user/alice/lab-base/"}
-
-
 @pytest.fixture(scope="session", params=list(BASE_URLS), ids=list(BASE_URLS))
 def lab(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, runtime_dir: Path
 ) -> Iterator[Lab]:
     """A running ``jupyter lab`` under ``/`` or a base URL, its root dir a fresh tmp dir."""
-    yield from _start_lab(tmp_path_factory.mktemp("lab"), runtime_dir, request.param)
-
-
-def _start_lab(tmp: Path, runtime: Path, name: str) -> Iterator[Lab]:
-    token = secrets.token_hex(16)
-    root = tmp / "root"
-    root.mkdir()
-    settings = tmp / "settings" / "@jupyterlab" / "apputils-extension"
-    settings.mkdir(parents=True)
-    (settings / "notification.jupyterlab-settings").write_text(
-        json.dumps({"fetchNews": "false", "checkForUpdates": False})
-    )
-    log = tmp / "lab.log"
-    args = [
-        sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", "--port=0",
-        f"--ServerApp.base_url={BASE_URLS[name]}", f"--IdentityProvider.token={token}",
-        f"--ServerApp.root_dir={root}", f"--LabApp.user_settings_dir={tmp / 'settings'}",
-        f"--LabApp.workspaces_dir={tmp / 'workspaces'}", "--allow-root",
-    ]  # fmt: skip
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            args,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "JUPYTER_RUNTIME_DIR": str(runtime)},
-        )
+    server = LabServer(tmp_path_factory.mktemp("lab"), runtime_dir, request.param)
     try:
-        server_info: dict[str, object] = {}
-
-        def server_file_written() -> bool:
-            for path in runtime.glob(f"jpserver-{process.pid}.json"):
-                try:
-                    server_info.update(json.loads(path.read_text()))
-                except json.JSONDecodeError:  # the server is still writing it
-                    return False
-            return bool(server_info) or process.poll() is not None
-
-        poll_for(server_file_written, LAB_START_TIMEOUT_S, "the lab server's runtime file")
-        if process.poll() is not None:
-            pytest.fail(f"jupyter lab exited:\n{log.read_text()[-LOG_TAIL_CHARS:]}")
-        yield Lab(name=name, url=str(server_info["url"]), token=token, log=log)
+        yield server.start()
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        server.stop()
 
 
 @pytest.fixture
