@@ -7,6 +7,12 @@ import { ISignal, Signal } from '@lumino/signaling';
 import { DistConnection } from './connection';
 import { ClusterEvent, ICluster } from './types';
 
+/**
+ * Where the panel's view of the server stands: not yet told anything, told
+ * and following changes, or cut off (the clusters shown are as last seen).
+ */
+export type Liveness = 'connecting' | 'live' | 'lost';
+
 export class DistModel {
   constructor(connection: DistConnection) {
     this._connection = connection;
@@ -24,8 +30,17 @@ export class DistModel {
     return [...this._clusters.values()].sort((a, b) => b.created - a.created);
   }
 
-  get isConnected(): boolean {
-    return this._isConnected;
+  /**
+   * Live from the server's first snapshot on a websocket until that socket
+   * closes; lost from then until a new socket brings a new snapshot.
+   */
+  get liveness(): Liveness {
+    return this._liveness;
+  }
+
+  /** Whether the clusters are the server's current ones, so actions on them can work. */
+  get isLive(): boolean {
+    return this._liveness === 'live';
   }
 
   /** The last action's error message, or ''. */
@@ -81,6 +96,7 @@ export class DistModel {
   private _onEvent(sender: DistConnection, event: ClusterEvent): void {
     if (event.type === 'clusters') {
       this._clusters = new Map(event.clusters.map(c => [c.cluster_id, c]));
+      this._liveness = 'live';
     } else if (event.type === 'cluster') {
       this._clusters.set(event.cluster.cluster_id, event.cluster);
     } else {
@@ -90,13 +106,16 @@ export class DistModel {
   }
 
   private _onConnection(sender: DistConnection, isConnected: boolean): void {
-    this._isConnected = isConnected;
-    this._changed.emit();
+    // An open socket is not live yet: the server's snapshot, sent first, makes it so.
+    if (!isConnected && this._liveness === 'live') {
+      this._liveness = 'lost';
+      this._changed.emit();
+    }
   }
 
   private _connection: DistConnection;
   private _clusters = new Map<string, ICluster>();
-  private _isConnected = false;
+  private _liveness: Liveness = 'connecting';
   private _error = '';
   private _busy = 0;
   private _isDisposed = false;

@@ -77,7 +77,7 @@ function shortClassName(className: string): string {
 function EngineRows(props: {
   engine: IEngine;
   onRestart: () => void;
-  isBusy: boolean;
+  canAct: boolean;
 }) {
   const engine = props.engine;
   const rows = [
@@ -110,7 +110,7 @@ function EngineRows(props: {
           className="jp-mod-styled jp-dist-RestartButton"
           title={`Restart engine ${engine.engine_id}`}
           aria-label={`Restart engine ${engine.engine_id}`}
-          disabled={props.isBusy}
+          disabled={!props.canAct}
           onClick={props.onRestart}
         >
           ↻
@@ -173,8 +173,17 @@ function ClusterView(props: {
   const engines = state?.engines ?? [];
   const live = engines.filter(e => e.state !== 'dead').length;
   const tasks = state?.tasks;
+  const canAct = model.isLive && !model.isBusy;
   return (
-    <div className="jp-dist-Cluster" data-cluster-id={cluster.cluster_id}>
+    <div
+      className={
+        model.isLive ? 'jp-dist-Cluster' : 'jp-dist-Cluster jp-dist-mod-stale'
+      }
+      title={
+        model.isLive ? undefined : 'As last seen: the Jupyter server is lost'
+      }
+      data-cluster-id={cluster.cluster_id}
+    >
       <div className="jp-dist-ClusterHeader">
         <span className="jp-dist-ClusterId">{cluster.cluster_id}</span>
         <span className="jp-dist-ClusterSummary">
@@ -192,7 +201,7 @@ function ClusterView(props: {
         <button
           className="jp-mod-styled jp-mod-warn jp-dist-StopButton"
           title="Stop this cluster and all of its engines"
-          disabled={model.isBusy}
+          disabled={!canAct}
           onClick={() => void model.stopCluster(cluster.cluster_id)}
         >
           Stop
@@ -219,7 +228,7 @@ function ClusterView(props: {
             <EngineRows
               key={engine.engine_id}
               engine={engine}
-              isBusy={model.isBusy}
+              canAct={canAct}
               onRestart={() =>
                 void model.restartEngine(cluster.cluster_id, engine.engine_id)
               }
@@ -253,7 +262,7 @@ function StartForm(props: { model: DistModel }) {
       </label>
       <button
         className="jp-mod-styled jp-mod-accept jp-dist-StartButton"
-        disabled={props.model.isBusy || !isValid}
+        disabled={props.model.isBusy || !props.model.isLive || !isValid}
         onClick={() => void props.model.startCluster(n)}
       >
         Start cluster
@@ -291,13 +300,18 @@ export class DistPanel extends ReactWidget {
             <div className="jp-dist-PanelBody">
               <h2 className="jp-dist-Title">Clusters</h2>
               <StartForm model={model} />
-              {!model.isConnected && (
+              {model.liveness === 'connecting' && (
                 <div className="jp-dist-Notice">Connecting to the server…</div>
+              )}
+              {model.liveness === 'lost' && (
+                <div className="jp-dist-Notice jp-dist-Lost" role="status">
+                  Lost the Jupyter server; reconnecting…
+                </div>
               )}
               {model.error && (
                 <div className="jp-dist-Error">{model.error}</div>
               )}
-              {clusters.length === 0 && model.isConnected && (
+              {clusters.length === 0 && model.isLive && (
                 <div className="jp-dist-Notice">No cluster is running.</div>
               )}
               {clusters.map(cluster => (
