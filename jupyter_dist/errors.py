@@ -101,12 +101,14 @@ class EngineDiedError(JupyterDistError):
         host: str = "",
         exit_code: int | None = None,
         task_id: str = "",
+        died_on: Sequence[int] = (),
     ) -> None:
         self.engine_id = engine_id
         self.pid = pid
         self.host = host
         self.exit_code = exit_code
         self.task_id = task_id
+        self.died_on = list(died_on)  # every engine that died running this task, in order
         where = ""
         if pid:
             where = f" (pid {pid} on {host})" if host else f" (pid {pid})"
@@ -115,8 +117,12 @@ class EngineDiedError(JupyterDistError):
         hint = ""
         if exit_code == -signal.SIGKILL:
             hint = " The OS may have killed it for memory."
+        tries = ""
+        if len(self.died_on) > 1:
+            engines = ", ".join(str(i) for i in self.died_on[:-1]) + f" and {self.died_on[-1]}"
+            tries = f" It was tried {len(self.died_on)} times; the engines it died on: {engines}."
         super().__init__(
-            f"Engine {engine_id}{where} died{how}{during}.{hint} "
+            f"Engine {engine_id}{where} died{how}{during}.{hint}{tries} "
             f"`%dist restart {engine_id}` replaces it."
         )
 

@@ -222,6 +222,7 @@ def error_from_reply(content: dict[str, Any], cluster_id: str) -> JupyterDistErr
             host=error.get("host", ""),
             exit_code=error.get("exit_code"),
             task_id=content.get("task_id", "") if error.get("was_running") else "",
+            died_on=error.get("died_on") or (),
         )
     if ename == "NoEnginesError":
         return NoEnginesError(cluster_id, evalue)

@@ -262,14 +262,35 @@ class View:
 
         return MultiFuture(new_id(), fetches, join_fetched)
 
-    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
-        """Run ``fn(*args, **kwargs)`` once, on the least busy engine of the view."""
-        ids = self._require_engines()
+    def submit(self, fn: Callable[..., Any], *args: Any, retries: int = 0, **kwargs: Any) -> Future:
+        """Run ``fn(*args, **kwargs)`` once, on the least busy engine of the view.
+
+        ``retries=2`` runs it again, up to twice, on another engine when the
+        engine running it dies (never when ``fn`` raises); the last error
+        then names every engine it died on. ``retries`` is taken by the view;
+        pass a keyword of that name inside a ``functools.partial``.
+
+        Examples
+        --------
+        >>> f = c.submit(pow, 2, 10, retries=2)
+        >>> f.result()
+        1024
+        """
+        fields = self._balanced_fields(fn, retries)
         name = getattr(fn, "__name__", repr(fn))
+        return self._send(None, "apply", (fn, args, kwargs), f"{name} or its arguments", **fields)
+
+    def _balanced_fields(self, fn: Callable[..., Any], retries: int) -> dict[str, Any]:
+        """What a load-balanced task of ``fn`` carries besides its arguments."""
+        if not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"retries must be a whole number of 0 or more, not {retries!r}")
+        ids = self._require_engines()
         fields: dict[str, Any] = {"sources": _sources_of(fn)}
         if self._targets is not None:
             fields["allowed"] = ids
-        return self._send(None, "apply", (fn, args, kwargs), f"{name} or its arguments", **fields)
+        if retries:
+            fields["retries"] = retries
+        return fields
 
     def actor(
         self,
@@ -331,18 +352,17 @@ class View:
         *iterables: Iterable[Any],
         block: bool = True,
         progress: bool = True,
+        retries: int = 0,
     ) -> Any:
         """Call ``fn`` on each item (load-balanced); return the results in order.
 
         Blocking, it shows a progress bar (tasks done / total) when the work
         takes longer than half a second; with ``block=False`` it returns the
-        list of futures.
+        list of futures. ``retries`` runs an item again on another engine
+        when its engine dies under it, as in ``submit``.
         """
-        self._require_engines()
+        fields = self._balanced_fields(fn, retries)
         name = getattr(fn, "__name__", repr(fn))
-        fields: dict[str, Any] = {"sources": _sources_of(fn)}
-        if self._targets is not None:
-            fields["allowed"] = self.engine_ids
         group = self._cluster.connection.output.new_group(None)
         futures = [
             self._send(None, "apply", (fn, args, {}), f"the arguments of {name}", group, **fields)

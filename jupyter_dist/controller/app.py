@@ -328,6 +328,9 @@ class Controller:
             allowed=tuple(content["allowed"]) if content.get("allowed") else None,
             is_from_engine=from_engine,
         )
+        retries = content.get("retries")
+        if target is None and isinstance(retries, int) and retries > 0:
+            record.retries_left = retries
         if self.tasks.get(record.task_id) is not None:
             logger.warning("dropped a task_request reusing task id %s", record.task_id)
             return
@@ -817,7 +820,12 @@ class Controller:
             record = self.tasks.get(task_id)
             if record is None:
                 continue
-            if position > 0 and record.target is None:
+            if position == 0:
+                record.died_on.append(engine.engine_id)
+            if record.target is None and (position > 0 or record.retries_left > 0):
+                if position == 0:
+                    record.retries_left -= 1
+                    logger.info("task %s runs again: its engine died", task_id)
                 requeue.append(record)
                 continue
             self._fail(
@@ -829,6 +837,7 @@ class Controller:
                 host=engine.host,
                 exit_code=exit_code,
                 was_running=position == 0,
+                died_on=record.died_on,
             )
         for record in requeue:
             record.state = TaskState.QUEUED

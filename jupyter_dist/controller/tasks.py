@@ -50,6 +50,8 @@ class TaskRecord:
         default_factory=list
     )  # (is engine, ident) asking for it
     times_sent: int = 0
+    retries_left: int = 0  # runs again elsewhere this many times if its engine dies under it
+    died_on: list[int] = field(default_factory=list)  # engines that died while running it
 
     @property
     def is_finished(self) -> bool:
