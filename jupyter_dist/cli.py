@@ -15,6 +15,7 @@ from typing import Any, NoReturn
 
 from jupyter_dist import connection_file
 from jupyter_dist.errors import JupyterDistError
+from jupyter_dist.units import duration_argument
 
 LOG_FORMAT = "%(asctime)s %(name)s [%(process)d] %(levelname)s %(message)s"
 
@@ -26,7 +27,9 @@ def _configure_logging(level: str) -> None:
 def _cmd_start(args: argparse.Namespace) -> int:
     from jupyter_dist.client.cluster import Cluster
 
-    cluster = Cluster.start(n=args.n, ip=args.ip, timeout_s=args.timeout)
+    cluster = Cluster.start(
+        n=args.n, ip=args.ip, timeout_s=args.timeout, idle_timeout=args.idle_timeout
+    )
     print(cluster.id)
     cluster.close()
     return 0
@@ -93,6 +96,7 @@ def _cmd_controller(args: argparse.Namespace) -> int:
         ip=args.ip,
         start_engine=lambda path, engine_id: local.start_engine(path, engine_id, args.log_level),
         orphan_timeout_s=args.orphan_timeout,
+        idle_timeout_s=args.idle_timeout,
     )
     controller.start(args.n)
     controller.serve()
@@ -146,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument(
         "--timeout", type=float, default=60.0, help="seconds to wait for the engines"
     )
+    start.add_argument(
+        "--idle-timeout",
+        type=duration_argument,
+        default=None,
+        help="stop the cluster after this long without work, e.g. 30m or 2h (default: never)",
+    )
     start.set_defaults(run=_cmd_start)
 
     stop = sub.add_parser("stop", help="stop a cluster and all its engines")
@@ -171,6 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=20.0,
         help="stop after this many seconds without engines",
+    )
+    controller.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=None,
+        help="stop after this many seconds without work and client requests",
     )
     controller.set_defaults(run=_cmd_controller)
 

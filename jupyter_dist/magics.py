@@ -26,6 +26,7 @@ import jupyter_dist as jd
 from jupyter_dist import connection_file
 from jupyter_dist.errors import describe_exit_code
 from jupyter_dist.private_file import write_atomically
+from jupyter_dist.units import duration_argument, format_duration
 
 INTERRUPT_GRACE_S = 5.0
 LAUNCHERS = ("local",)
@@ -76,6 +77,12 @@ def _dist_parser() -> _Parser:
     start.add_argument("-n", type=int, default=4, help="number of engines (default 4)")
     start.add_argument("--launcher", default="local", help="where engines run: local (default)")
     start.add_argument("--ip", default="127.0.0.1", help="address the controller listens on")
+    start.add_argument(
+        "--idle-timeout",
+        type=duration_argument,
+        default=None,
+        help="stop the cluster after this long without work, e.g. 30m (default: never)",
+    )
     connect = sub.add_parser("connect", help="connect to a running cluster (default: the newest)")
     connect.add_argument("cluster", nargs="?", help="cluster id or connection file")
     sub.add_parser("status", help="list the engines: state, CPU, memory, GPUs, task")
@@ -126,6 +133,12 @@ def _owner_keys() -> list[str]:
 
 def _owner_file(key: str) -> Path:
     return connection_file.runtime_dir() / f"jupyter-dist-notebook-{key}.json"
+
+
+def _idle_lease_text(stop_in_s: float | None) -> str:
+    if stop_in_s is None:
+        return ""
+    return f" (stops itself in {format_duration(stop_in_s)} unless work arrives: idle timeout)"
 
 
 @magics_class
@@ -192,7 +205,7 @@ class DistMagics(Magics):
             )
         if args.n < 1:
             raise UsageError(f"%dist start: -n must be at least 1, not {args.n}.")
-        cluster = jd.Cluster.start(n=args.n, ip=args.ip)
+        cluster = jd.Cluster.start(n=args.n, ip=args.ip, idle_timeout=args.idle_timeout)
         self._use(cluster, is_owner=True)
         print(
             f"Started cluster {cluster.id} with {args.n} engines; it is `dist_cluster` in this notebook."
@@ -207,11 +220,12 @@ class DistMagics(Magics):
 
     def _dist_status(self, args: argparse.Namespace) -> None:
         cluster = self._require_cluster()
-        print(f"cluster {cluster.id}")
+        engines = cluster.status()
+        print(f"cluster {cluster.id}{_idle_lease_text(cluster.idle_stop_in_s())}")
         print(
             f"{'id':>3} {'host':14} {'pid':>7} {'state':20} {'CPU %':>6} {'RSS MB':>7} {'GPU':14} task"
         )
-        for e in cluster.status():
+        for e in engines:
             state = e.state
             if e.state == "dead" and e.exit_code is not None:
                 state = f"dead ({describe_exit_code(e.exit_code)})"

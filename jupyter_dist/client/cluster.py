@@ -24,6 +24,7 @@ from jupyter_dist.errors import ClusterError, DistTimeoutError, LauncherError
 from jupyter_dist.futures import Future, MultiFuture
 from jupyter_dist.launchers import local
 from jupyter_dist.protocol import MsgType
+from jupyter_dist.units import parse_duration_s
 
 if TYPE_CHECKING:
     from jupyter_dist.widgets import ClusterMonitor
@@ -117,12 +118,24 @@ class Cluster(View):
 
     @classmethod
     def start(
-        cls, n: int = 4, ip: str = "127.0.0.1", timeout_s: float = START_TIMEOUT_S
+        cls,
+        n: int = 4,
+        ip: str = "127.0.0.1",
+        timeout_s: float = START_TIMEOUT_S,
+        idle_timeout: float | str | None = None,
     ) -> Cluster:
         """Start a controller and ``n`` local engines; return once all ``n`` are registered.
 
         The cluster runs in processes of its own and outlives this kernel:
         ``c.stop()`` ends it, ``c.close()`` only detaches.
+
+        Parameters
+        ----------
+        idle_timeout
+            Seconds, or a text like ``"30m"`` or ``"2h"``: the cluster stops
+            itself (engines, shared memory, connection file) once it has had
+            no work and no request from any client for that long, so a
+            forgotten notebook does not hold the machine overnight.
 
         Raises
         ------
@@ -131,8 +144,11 @@ class Cluster(View):
         """
         if n < 0:
             raise ValueError(f"n must be 0 or more engines, not {n}")
+        idle_timeout_s = parse_duration_s(idle_timeout) if idle_timeout is not None else None
         cluster_id = secrets.token_hex(4)
-        process = local.start_controller(cluster_id, n, ip, connection_file.runtime_dir())
+        process = local.start_controller(
+            cluster_id, n, ip, connection_file.runtime_dir(), idle_timeout_s=idle_timeout_s
+        )
         path = connection_file.path_for(cluster_id)
         deadline = time.monotonic() + timeout_s
         while True:
@@ -224,6 +240,14 @@ class Cluster(View):
         ]
         self.connection.update_state(reply.content)
         return records
+
+    def idle_stop_in_s(self) -> float | None:
+        """Seconds until the cluster stops itself for want of work (its idle timeout), as of the last status.
+
+        None when it has no idle timeout or work is queued or running.
+        """
+        stop_at = self.connection.state.get("idle_stop_at")
+        return None if stop_at is None else max(0.0, stop_at - time.time())
 
     def wait_for_engines(self, n: int, timeout_s: float = START_TIMEOUT_S) -> None:
         """Wait until at least ``n`` engines are registered and alive."""

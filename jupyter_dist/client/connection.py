@@ -5,9 +5,8 @@ are received here and handed over through ``concurrent.futures`` futures.
 Other threads never touch the socket: they hand their sends to the loop.
 
 A controller that dies must not leave a cell waiting forever: the I/O
-thread beats every second (the controller also learns from it which
-clients are attached) and checks that the controller lives, by its pid on
-this host, or by its answers from another host. When it is gone, every
+thread beats every second and checks that the controller lives: by its
+pid on this host, or by its answers to the beats from another host. When it is gone, every
 pending future and every later call fails with ``ControllerGoneError``.
 """
 

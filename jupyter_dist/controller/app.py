@@ -81,6 +81,7 @@ class Controller:
         ip: str = "127.0.0.1",
         start_engine: EngineStarter | None = None,
         orphan_timeout_s: float = ORPHAN_TIMEOUT_S,
+        idle_timeout_s: float | None = None,
     ) -> None:
         self.cluster_id = cluster_id or secrets.token_hex(4)
         self.ip = ip
@@ -88,6 +89,7 @@ class Controller:
         self.session = Session(self.key)
         self.start_engine = start_engine
         self.orphan_timeout_s = orphan_timeout_s
+        self.idle_timeout_s = idle_timeout_s  # stop after this long without work (None: never)
         self.ctx: zmq.Context[Any] = zmq.Context()
         self.clients = _router(self.ctx)
         self.engines = _router(self.ctx)
@@ -108,10 +110,11 @@ class Controller:
         self.launch_failures: list[dict[str, Any]] = []
         self.started = time.monotonic()
         self.last_engine_seen = self.started
+        self.last_check = self.started  # when liveness was last checked
         self.is_publish_due = False  # something changed: a publication is scheduled
         self.is_shutting_down = False
         self.watched_templates: set[int] = set()  # the report pipes of engine templates
-        self.clients_seen: dict[bytes, float] = {}  # attached clients: when each last beat
+        self.last_busy = self.started  # when work last arrived, ran, or a result was asked for
         self.state_seq = 0  # numbers each published state, so monitors can order them
         self.published_state: dict[str, Any] = {}
         self.connection_path = ""
@@ -294,8 +297,7 @@ class Controller:
         self._reply(ident, MsgType.CONNECT_REPLY, self._status(), msg)
 
     def _on_client_heartbeat(self, ident: bytes, msg: Message) -> None:
-        """A client beats every second while attached; the answer tells it this controller lives."""
-        self.clients_seen[ident] = time.monotonic()
+        """A client beats every second while attached: the answer tells it this controller lives."""
         self._reply(ident, MsgType.HEARTBEAT_REPLY, {}, msg)
 
     def _on_status(self, ident: bytes, msg: Message) -> None:
@@ -313,10 +315,20 @@ class Controller:
                 "failed": self.tasks.count_failed,
             },
             "actors": [a.describe() for a in self.actors.all()],
+            "idle_timeout_s": self.idle_timeout_s,
+            "idle_stop_at": self._idle_stop_at(),
             "seq": self.state_seq,
         }
 
+    def _idle_stop_at(self) -> float | None:
+        """When (epoch seconds) the cluster stops if it stays idle; None while work is pending."""
+        if self.idle_timeout_s is None or self.tasks.pending_count():
+            return None
+        left_s = self.last_busy + self.idle_timeout_s - time.monotonic()
+        return round(time.time() + left_s)  # whole seconds: the same deadline publishes alike
+
     def _on_task(self, ident: bytes, msg: Message, from_engine: bool = False) -> None:
+        self.last_busy = time.monotonic()
         content = msg.content
         target = content.get("target")
         record = TaskRecord(
@@ -350,6 +362,7 @@ class Controller:
         self._dispatch(record, engine)
 
     def _on_result(self, ident: bytes, msg: Message, from_engine: bool = False) -> None:
+        self.last_busy = time.monotonic()
         for task_id in msg.content["task_ids"]:
             record = self.tasks.get(task_id)
             if record is None:
@@ -770,9 +783,24 @@ class Controller:
     def _check_engines(self) -> None:
         now = time.monotonic()
         self._check_exits()
+        # A controller that was itself stopped (SIGSTOP, a suspended laptop) heard nobody
+        # meanwhile: that silence is its own, not the engines'.
+        paused_s = now - self.last_check - CHECK_INTERVAL_S
+        self.last_check = now
         for engine in self.registry.live():
+            if paused_s > CHECK_INTERVAL_S:
+                engine.last_seen += paused_s
             if now - engine.last_seen > HEARTBEAT_TIMEOUT_S:
                 self._on_engine_death(engine, None)
+        if self.tasks.pending_count():
+            self.last_busy = now
+        elif self.idle_timeout_s is not None and now - self.last_busy > self.idle_timeout_s:
+            logger.warning(
+                "no work and no client request for %.0f s (the idle timeout); the cluster stops",
+                self.idle_timeout_s,
+            )
+            self.shutdown()
+            return
         if self.registry.live() or self.launching:
             self.last_engine_seen = max(self.last_engine_seen, now)
         elif now - self.last_engine_seen > self.orphan_timeout_s:

@@ -115,6 +115,7 @@ function parseState(value: unknown): IClusterState | null {
     actors: list(value.actors)
       .map(parseActor)
       .filter((a): a is IActor => a !== null),
+    idle_stop_at: numOrNull(value.idle_stop_at),
     seq: num(value.seq)
   };
 }

@@ -25,6 +25,35 @@ function formatBytes(nbytes: number | null): string {
   return unit === 0 ? `${value} B` : `${value.toFixed(1)} ${units[unit]}`;
 }
 
+function formatDuration(seconds: number): string {
+  const whole = Math.max(0, Math.round(seconds));
+  const hours = Math.floor(whole / 3600);
+  const minutes = Math.floor((whole % 3600) / 60);
+  const secs = whole % 60;
+  const pad = (n: number) => String(n).padStart(2, '0');
+  if (hours) {
+    return `${hours}h ${pad(minutes)}m`;
+  }
+  return minutes ? `${minutes}m ${pad(secs)}s` : `${secs}s`;
+}
+
+/** The time left before an idle cluster stops itself, counted down each second. */
+function IdleCountdown(props: { stopAt: number }) {
+  const [now, setNow] = React.useState(Date.now());
+  React.useEffect(() => {
+    const timer = window.setInterval(() => setNow(Date.now()), 1000);
+    return () => window.clearInterval(timer);
+  }, []);
+  return (
+    <div
+      className="jp-dist-IdleCountdown"
+      title="The cluster was started with an idle timeout: it stops itself unless work arrives"
+    >
+      idle: stops itself in {formatDuration(props.stopAt - now / 1000)}
+    </div>
+  );
+}
+
 function Bar(props: { percent: number; label: string; kind: string }) {
   const percent = Math.max(0, Math.min(100, props.percent));
   return (
@@ -207,6 +236,9 @@ function ClusterView(props: {
           Stop
         </button>
       </div>
+      {state && state.idle_stop_at !== null && (
+        <IdleCountdown stopAt={state.idle_stop_at} />
+      )}
       {tasks && (
         <div className="jp-dist-TaskCounts">
           tasks: {tasks.done} done, {tasks.pending} pending ({tasks.queued}{' '}

@@ -52,6 +52,8 @@ export interface IClusterState {
   engines: IEngine[];
   tasks: ITaskCounts;
   actors: IActor[];
+  /** When (epoch seconds) the cluster stops itself if it stays idle; null: no idle timeout, or work pending. */
+  idle_stop_at: number | null;
   seq: number;
 }
 

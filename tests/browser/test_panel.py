@@ -6,6 +6,7 @@ screenshot in ``tests/browser/screenshots/``.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,7 +37,7 @@ def test_the_panel_shows_engines_and_actors_live_and_stops_the_cluster(
             self.count += by
             return self.count
 
-    cluster = jd.Cluster.start(n=2, timeout_s=60)
+    cluster = jd.Cluster.start(n=2, timeout_s=60, idle_timeout="1h")
     try:
         pids = [e.pid for e in cluster.status()]
         pids.append(connection_file.read(cluster.connection_file).controller_pid)
@@ -47,6 +48,8 @@ def test_the_panel_shows_engines_and_actors_live_and_stops_the_cluster(
         expect(rows).to_have_count(2, timeout=30_000)
         expect(rows.locator(".jp-dist-EngineState")).to_have_text(["idle", "idle"], timeout=10_000)
         expect(panel.locator(".jp-dist-Bar-cpu").first).to_be_visible()
+        countdown = panel.locator(".jp-dist-IdleCountdown")
+        expect(countdown).to_contain_text(re.compile(r"idle: stops itself in (59m \d\ds|1h 00m)"))
 
         state = panel.locator(".jp-dist-ActorState")
         expect(state).to_contain_text('"count":10', timeout=10_000)

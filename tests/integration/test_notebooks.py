@@ -19,6 +19,7 @@ EXPECTED_TEXT = {
         "pi is about 3.14",
         "learning rate 0.1    final loss",
         "values               list",
+        "(stops itself in ",
     ],
     "03-actors": [
         "steps done by the workers: 80",
