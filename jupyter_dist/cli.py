@@ -15,6 +15,7 @@ from typing import Any, NoReturn
 
 from jupyter_dist import connection_file
 from jupyter_dist.errors import JupyterDistError
+from jupyter_dist.sizes import size_argument
 
 LOG_FORMAT = "%(asctime)s %(name)s [%(process)d] %(levelname)s %(message)s"
 
@@ -26,7 +27,9 @@ def _configure_logging(level: str) -> None:
 def _cmd_start(args: argparse.Namespace) -> int:
     from jupyter_dist.client.cluster import Cluster
 
-    cluster = Cluster.start(n=args.n, ip=args.ip, timeout_s=args.timeout)
+    cluster = Cluster.start(
+        n=args.n, ip=args.ip, timeout_s=args.timeout, memory_limit=args.memory_limit
+    )
     print(cluster.id)
     cluster.close()
     return 0
@@ -93,6 +96,7 @@ def _cmd_controller(args: argparse.Namespace) -> int:
         ip=args.ip,
         start_engine=lambda path, engine_id: local.start_engine(path, engine_id, args.log_level),
         orphan_timeout_s=args.orphan_timeout,
+        memory_limit_bytes=args.memory_limit,
     )
     controller.start(args.n)
     controller.serve()
@@ -134,6 +138,12 @@ def _cmd_engine_template(args: argparse.Namespace) -> int:
     _exit_now()
 
 
+MEMORY_LIMIT_HELP = (
+    "resident memory each engine may use, e.g. 2GB or 1.5GiB; an engine over it is "
+    "stopped (its task fails saying so) and started again with the same id"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jupyter-dist", description="Start and manage jupyter-dist clusters."
@@ -146,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument(
         "--timeout", type=float, default=60.0, help="seconds to wait for the engines"
     )
+    start.add_argument("--memory-limit", type=size_argument, default=None, help=MEMORY_LIMIT_HELP)
     start.set_defaults(run=_cmd_start)
 
     stop = sub.add_parser("stop", help="stop a cluster and all its engines")
@@ -171,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=20.0,
         help="stop after this many seconds without engines",
+    )
+    controller.add_argument(
+        "--memory-limit", type=size_argument, default=None, help=MEMORY_LIMIT_HELP
     )
     controller.set_defaults(run=_cmd_controller)
 

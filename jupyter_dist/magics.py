@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 import jupyter_dist as jd
 from jupyter_dist import connection_file
 from jupyter_dist.errors import describe_exit_code
+from jupyter_dist.sizes import format_nbytes, size_argument
 
 INTERRUPT_GRACE_S = 5.0
 LAUNCHERS = ("local",)
@@ -75,6 +76,11 @@ def _dist_parser() -> _Parser:
     start.add_argument("-n", type=int, default=4, help="number of engines (default 4)")
     start.add_argument("--launcher", default="local", help="where engines run: local (default)")
     start.add_argument("--ip", default="127.0.0.1", help="address the controller listens on")
+    start.add_argument(
+        "--memory-limit",
+        type=size_argument,
+        help="memory each engine may use, e.g. 2GB or 1.5GiB; one over it is stopped and restarted",
+    )
     connect = sub.add_parser("connect", help="connect to a running cluster (default: the newest)")
     connect.add_argument("cluster", nargs="?", help="cluster id or connection file")
     sub.add_parser("status", help="list the engines: state, CPU, memory, GPUs, task")
@@ -191,10 +197,11 @@ class DistMagics(Magics):
             )
         if args.n < 1:
             raise UsageError(f"%dist start: -n must be at least 1, not {args.n}.")
-        cluster = jd.Cluster.start(n=args.n, ip=args.ip)
+        cluster = jd.Cluster.start(n=args.n, ip=args.ip, memory_limit=args.memory_limit)
         self._use(cluster, is_owner=True)
+        limit = f" of at most {format_nbytes(args.memory_limit)} each" if args.memory_limit else ""
         print(
-            f"Started cluster {cluster.id} with {args.n} engines; it is `dist_cluster` in this notebook."
+            f"Started cluster {cluster.id} with {args.n} engines{limit}; it is `dist_cluster` in this notebook."
         )
 
     def _dist_connect(self, args: argparse.Namespace) -> None:
@@ -206,11 +213,15 @@ class DistMagics(Magics):
 
     def _dist_status(self, args: argparse.Namespace) -> None:
         cluster = self._require_cluster()
+        engines = cluster.status()
         print(f"cluster {cluster.id}")
+        limits = {e.memory_limit_bytes for e in engines if e.memory_limit_bytes is not None}
+        if limits:
+            print("memory limit per engine: " + ", ".join(map(format_nbytes, sorted(limits))))
         print(
             f"{'id':>3} {'host':14} {'pid':>7} {'state':20} {'CPU %':>6} {'RSS MB':>7} {'GPU':14} task"
         )
-        for e in cluster.status():
+        for e in engines:
             state = e.state
             if e.state == "dead" and e.exit_code is not None:
                 state = f"dead ({describe_exit_code(e.exit_code)})"

@@ -8,9 +8,10 @@ a limit of "1.5GiB" reads back as "1.5 GiB", not "1.61 GB".
 
 from __future__ import annotations
 
+import argparse
 import re
 
-__all__ = ["format_nbytes", "parse_nbytes"]
+__all__ = ["format_nbytes", "parse_nbytes", "size_argument"]
 
 _DECIMAL = (("TB", 1000**4), ("GB", 1000**3), ("MB", 1000**2), ("kB", 1000))
 _BINARY = (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024))
@@ -46,6 +47,14 @@ def parse_nbytes(size: int | float | str) -> int:
     if nbytes <= 0:
         raise ValueError(f"a size must be more than 0 bytes, not {size!r}")
     return nbytes
+
+
+def size_argument(text: str) -> int:
+    """``parse_nbytes`` as an argparse ``type``: a bad size is a usage error naming the forms."""
+    try:
+        return parse_nbytes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _is_binary(nbytes: int) -> bool:

@@ -24,6 +24,7 @@ from jupyter_dist.errors import ClusterError, ConnectionFileError, DistTimeoutEr
 from jupyter_dist.futures import Future, MultiFuture
 from jupyter_dist.launchers import local
 from jupyter_dist.protocol import MsgType
+from jupyter_dist.sizes import parse_nbytes
 
 if TYPE_CHECKING:
     from jupyter_dist.widgets import ClusterMonitor
@@ -46,6 +47,7 @@ class EngineStatus:
     task_id: str | None = None
     queued: int = 0
     exit_code: int | None = None
+    memory_limit_bytes: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,22 +119,47 @@ class Cluster(View):
 
     @classmethod
     def start(
-        cls, n: int = 4, ip: str = "127.0.0.1", timeout_s: float = START_TIMEOUT_S
+        cls,
+        n: int = 4,
+        ip: str = "127.0.0.1",
+        timeout_s: float = START_TIMEOUT_S,
+        memory_limit: int | str | None = None,
     ) -> Cluster:
         """Start a controller and ``n`` local engines; return once all ``n`` are registered.
 
         The cluster runs in processes of its own and outlives this kernel:
         ``c.stop()`` ends it, ``c.close()`` only detaches.
 
+        Parameters
+        ----------
+        memory_limit
+            Resident memory each engine may use: bytes, or a size such as
+            ``"2GB"``, ``"512MB"`` or ``"1.5GiB"``. An engine that passes it is
+            stopped, its task fails with an ``EngineDiedError`` saying how much it
+            used, and a fresh engine takes its id; the other engines go on.
+
         Raises
         ------
+        ValueError
+            ``n`` is negative or ``memory_limit`` is not a size.
         LauncherError
             The controller or an engine did not start; the message holds its log.
+
+        Examples
+        --------
+        >>> c = jd.Cluster.start(n=4, memory_limit="2GB")
         """
         if n < 0:
             raise ValueError(f"n must be 0 or more engines, not {n}")
+        memory_limit_bytes = parse_nbytes(memory_limit) if memory_limit is not None else None
         cluster_id = secrets.token_hex(4)
-        process = local.start_controller(cluster_id, n, ip, connection_file.runtime_dir())
+        process = local.start_controller(
+            cluster_id,
+            n,
+            ip,
+            connection_file.runtime_dir(),
+            memory_limit_bytes=memory_limit_bytes,
+        )
         path = connection_file.path_for(cluster_id)
         deadline = time.monotonic() + timeout_s
         while True:
@@ -219,6 +246,7 @@ class Cluster(View):
                 task_id=e.get("task_id"),
                 queued=e.get("queued", 0),
                 exit_code=e.get("exit_code"),
+                memory_limit_bytes=e.get("memory_limit_bytes"),
             )
             for e in reply.content["engines"]
         ]

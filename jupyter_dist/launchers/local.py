@@ -40,13 +40,20 @@ def _spawn(args: list[str], log_path: Path, new_session: bool) -> LocalProcess:
 
 
 def start_controller(
-    cluster_id: str, n_engines: int, ip: str, log_dir: Path, log_level: str = "INFO"
+    cluster_id: str,
+    n_engines: int,
+    ip: str,
+    log_dir: Path,
+    log_level: str = "INFO",
+    memory_limit_bytes: int | None = None,
 ) -> LocalProcess:
     """Start a detached controller that starts ``n_engines`` local engines itself."""
     args = [
         sys.executable, "-m", "jupyter_dist.cli", "controller",
         "--cluster-id", cluster_id, "-n", str(n_engines), "--ip", ip, "--log-level", log_level,
     ]  # fmt: skip
+    if memory_limit_bytes is not None:
+        args += ["--memory-limit", str(memory_limit_bytes)]
     return _spawn(args, log_dir / f"jupyter-dist-{cluster_id}-controller.log", new_session=True)
 
 
