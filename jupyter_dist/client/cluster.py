@@ -254,8 +254,13 @@ class Cluster(View):
         return records
 
     def wait_for_engines(self, n: int, timeout_s: float = START_TIMEOUT_S) -> None:
-        """Wait until at least ``n`` engines are registered and alive."""
+        """Wait until at least ``n`` engines are registered and alive.
+
+        Asks the controller first: the engines last published may be older than
+        a death this client just learnt of (an engine stopped for its memory).
+        """
         deadline = time.monotonic() + timeout_s
+        self.status()
         while len(self.live_engine_ids()) < n:
             failures = self.connection.state.get("launch_failures", [])
             if failures:
