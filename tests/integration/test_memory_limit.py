@@ -160,6 +160,15 @@ def test_cli_start_passes_the_memory_limit_and_refuses_a_bad_one(runtime_dir: Pa
         c.stop()
 
 
+def test_cluster_start_refuses_a_bad_memory_limit_before_starting_anything(
+    runtime_dir: Path,
+) -> None:
+    before = set(runtime_dir.iterdir())
+    with pytest.raises(ValueError, match=r"'lots' is not a size: give .*\"1\.5GiB\""):
+        jd.Cluster.start(n=1, memory_limit="lots")
+    assert set(runtime_dir.iterdir()) == before  # no controller, no log, no connection file
+
+
 def test_an_engine_started_elsewhere_over_its_limit_is_stopped_and_not_restarted(
     runtime_dir: Path,
 ) -> None:
