@@ -15,6 +15,7 @@ from typing import Any, NoReturn
 
 from jupyter_dist import connection_file
 from jupyter_dist.errors import JupyterDistError
+from jupyter_dist.sizes import size_argument
 from jupyter_dist.units import duration_argument
 
 LOG_FORMAT = "%(asctime)s %(name)s [%(process)d] %(levelname)s %(message)s"
@@ -28,7 +29,11 @@ def _cmd_start(args: argparse.Namespace) -> int:
     from jupyter_dist.client.cluster import Cluster
 
     cluster = Cluster.start(
-        n=args.n, ip=args.ip, timeout_s=args.timeout, idle_timeout=args.idle_timeout
+        n=args.n,
+        ip=args.ip,
+        timeout_s=args.timeout,
+        idle_timeout=args.idle_timeout,
+        memory_limit=args.memory_limit,
     )
     print(cluster.id)
     cluster.close()
@@ -97,6 +102,7 @@ def _cmd_controller(args: argparse.Namespace) -> int:
         start_engine=lambda path, engine_id: local.start_engine(path, engine_id, args.log_level),
         orphan_timeout_s=args.orphan_timeout,
         idle_timeout_s=args.idle_timeout,
+        memory_limit_bytes=args.memory_limit,
     )
     controller.start(args.n)
     controller.serve()
@@ -138,6 +144,12 @@ def _cmd_engine_template(args: argparse.Namespace) -> int:
     _exit_now()
 
 
+MEMORY_LIMIT_HELP = (
+    "resident memory each engine may use, e.g. 2GB or 1.5GiB; an engine over it is "
+    "stopped (its task fails saying so) and started again with the same id"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jupyter-dist", description="Start and manage jupyter-dist clusters."
@@ -156,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="stop the cluster after this long without work, e.g. 30m or 2h (default: never)",
     )
+    start.add_argument("--memory-limit", type=size_argument, default=None, help=MEMORY_LIMIT_HELP)
     start.set_defaults(run=_cmd_start)
 
     stop = sub.add_parser("stop", help="stop a cluster and all its engines")
@@ -187,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="stop after this many seconds without work and client requests",
+    )
+    controller.add_argument(
+        "--memory-limit", type=size_argument, default=None, help=MEMORY_LIMIT_HELP
     )
     controller.set_defaults(run=_cmd_controller)
 

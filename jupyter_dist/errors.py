@@ -24,6 +24,8 @@ from __future__ import annotations
 import signal
 from collections.abc import Sequence
 
+from jupyter_dist.sizes import format_nbytes
+
 __all__ = [
     "ActorDiedError",
     "ClusterError",
@@ -92,7 +94,12 @@ class LauncherError(ClusterError):
 
 
 class EngineDiedError(JupyterDistError):
-    """The engine holding a piece of work died before it finished."""
+    """The engine holding a piece of work died before it finished.
+
+    ``rss_bytes`` and ``memory_limit_bytes`` are set when the controller
+    stopped the engine for passing its memory limit; ``is_restarting`` when
+    it starts a fresh engine with the same id.
+    """
 
     def __init__(
         self,
@@ -102,6 +109,9 @@ class EngineDiedError(JupyterDistError):
         exit_code: int | None = None,
         task_id: str = "",
         died_on: Sequence[int] = (),
+        rss_bytes: int | None = None,
+        memory_limit_bytes: int | None = None,
+        is_restarting: bool = False,
     ) -> None:
         self.engine_id = engine_id
         self.pid = pid
@@ -109,11 +119,21 @@ class EngineDiedError(JupyterDistError):
         self.exit_code = exit_code
         self.task_id = task_id
         self.died_on = list(died_on)  # every engine that died running this task, in order
+        self.rss_bytes = rss_bytes
+        self.memory_limit_bytes = memory_limit_bytes
+        self.is_restarting = is_restarting
         where = ""
         if pid:
             where = f" (pid {pid} on {host})" if host else f" (pid {pid})"
-        how = f" with {describe_exit_code(exit_code)}" if exit_code is not None else ""
         during = f" during task {task_id}" if task_id else ""
+        if rss_bytes is not None and memory_limit_bytes is not None:
+            super().__init__(
+                _over_memory_message(
+                    engine_id, where, during, rss_bytes, memory_limit_bytes, is_restarting
+                )
+            )
+            return
+        how = f" with {describe_exit_code(exit_code)}" if exit_code is not None else ""
         hint = ""
         if exit_code == -signal.SIGKILL:
             hint = " The OS may have killed it for memory."
@@ -204,6 +224,29 @@ class DistTimeoutError(JupyterDistError, TimeoutError):
 
 class ProtocolError(JupyterDistError):
     """A wire message is forged, truncated or malformed (internal: logged, dropped)."""
+
+
+def _over_memory_message(
+    engine_id: int,
+    where: str,
+    during: str,
+    rss_bytes: int,
+    limit_bytes: int,
+    is_restarting: bool,
+) -> str:
+    limit = format_nbytes(limit_bytes)
+    used = format_nbytes(rss_bytes, like=limit_bytes)
+    if used == limit:  # just over: show the digits that tell them apart
+        used = format_nbytes(rss_bytes, like=limit_bytes, digits=6)
+    then = (
+        f"A fresh engine {engine_id} takes its place (the names defined there are gone: run your setup again)."
+        if is_restarting
+        else f"`%dist restart {engine_id}` replaces it."
+    )
+    return (
+        f"Engine {engine_id} used {used}, over its {limit} limit, so it was stopped{where}{during}. "
+        f"{then} Use less memory per engine, or start the cluster with a larger `--memory-limit`."
+    )
 
 
 def _engine_list(engine_ids: Sequence[int | None]) -> str:

@@ -223,6 +223,9 @@ def error_from_reply(content: dict[str, Any], cluster_id: str) -> JupyterDistErr
             exit_code=error.get("exit_code"),
             task_id=content.get("task_id", "") if error.get("was_running") else "",
             died_on=error.get("died_on") or (),
+            rss_bytes=error.get("rss_bytes"),
+            memory_limit_bytes=error.get("memory_limit_bytes"),
+            is_restarting=bool(error.get("is_restarting")),
         )
     if ename == "NoEnginesError":
         return NoEnginesError(cluster_id, evalue)

@@ -26,6 +26,7 @@ import jupyter_dist as jd
 from jupyter_dist import connection_file
 from jupyter_dist.errors import describe_exit_code
 from jupyter_dist.private_file import write_atomically
+from jupyter_dist.sizes import format_nbytes, size_argument
 from jupyter_dist.units import duration_argument, format_duration
 
 INTERRUPT_GRACE_S = 5.0
@@ -82,6 +83,11 @@ def _dist_parser() -> _Parser:
         type=duration_argument,
         default=None,
         help="stop the cluster after this long without work, e.g. 30m (default: never)",
+    )
+    start.add_argument(
+        "--memory-limit",
+        type=size_argument,
+        help="memory each engine may use, e.g. 2GB or 1.5GiB; one over it is stopped and restarted",
     )
     connect = sub.add_parser("connect", help="connect to a running cluster (default: the newest)")
     connect.add_argument("cluster", nargs="?", help="cluster id or connection file")
@@ -205,10 +211,13 @@ class DistMagics(Magics):
             )
         if args.n < 1:
             raise UsageError(f"%dist start: -n must be at least 1, not {args.n}.")
-        cluster = jd.Cluster.start(n=args.n, ip=args.ip, idle_timeout=args.idle_timeout)
+        cluster = jd.Cluster.start(
+            n=args.n, ip=args.ip, idle_timeout=args.idle_timeout, memory_limit=args.memory_limit
+        )
         self._use(cluster, is_owner=True)
+        limit = f" of at most {format_nbytes(args.memory_limit)} each" if args.memory_limit else ""
         print(
-            f"Started cluster {cluster.id} with {args.n} engines; it is `dist_cluster` in this notebook."
+            f"Started cluster {cluster.id} with {args.n} engines{limit}; it is `dist_cluster` in this notebook."
         )
 
     def _dist_connect(self, args: argparse.Namespace) -> None:
@@ -222,6 +231,9 @@ class DistMagics(Magics):
         cluster = self._require_cluster()
         engines = cluster.status()
         print(f"cluster {cluster.id}{_idle_lease_text(cluster.idle_stop_in_s())}")
+        limits = {e.memory_limit_bytes for e in engines if e.memory_limit_bytes is not None}
+        if limits:
+            print("memory limit per engine: " + ", ".join(map(format_nbytes, sorted(limits))))
         print(
             f"{'id':>3} {'host':14} {'pid':>7} {'state':20} {'CPU %':>6} {'RSS MB':>7} {'GPU':14} task"
         )

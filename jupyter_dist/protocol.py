@@ -61,6 +61,7 @@ class MsgType(StrEnum):
     DISPLAY_DATA = "display_data"  # engine -> controller -> client: a rich output
     EXECUTE_RESULT = "execute_result"  # engine -> controller -> client: a cell's value, shown
     ACTOR_STATE = "actor_state"  # engine -> controller: an actor's state changed
+    MEMORY_EXCEEDED = "memory_exceeded"  # engine -> controller: over its memory limit, stop it
     CONNECT_REQUEST = "connect_request"  # client -> controller
     CONNECT_REPLY = "connect_reply"
     STATUS_REQUEST = "status_request"

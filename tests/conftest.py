@@ -7,6 +7,7 @@ import os
 import signal
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -82,8 +83,10 @@ def fresh_cluster(runtime_dir: Path, request: pytest.FixtureRequest) -> Iterator
     yield from _run_cluster(runtime_dir, 2, request)
 
 
-def _run_cluster(runtime_dir: Path, n: int, request: pytest.FixtureRequest) -> Iterator[jd.Cluster]:
-    c = jd.Cluster.start(n=n, timeout_s=60)
+def _run_cluster(
+    runtime_dir: Path, n: int, request: pytest.FixtureRequest, **options: Any
+) -> Iterator[jd.Cluster]:
+    c = jd.Cluster.start(n=n, timeout_s=60, **options)
     engine_pids = [e.pid for e in c.status()]
     controller_pid = connection_file.read(c.connection_file).controller_pid
     failed_before = request.session.testsfailed

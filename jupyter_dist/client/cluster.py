@@ -24,6 +24,7 @@ from jupyter_dist.errors import ClusterError, DistTimeoutError, LauncherError
 from jupyter_dist.futures import Future, MultiFuture
 from jupyter_dist.launchers import local
 from jupyter_dist.protocol import MsgType
+from jupyter_dist.sizes import parse_nbytes
 from jupyter_dist.units import parse_duration_s
 
 if TYPE_CHECKING:
@@ -47,6 +48,7 @@ class EngineStatus:
     task_id: str | None = None
     queued: int = 0
     exit_code: int | None = None
+    memory_limit_bytes: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +125,7 @@ class Cluster(View):
         ip: str = "127.0.0.1",
         timeout_s: float = START_TIMEOUT_S,
         idle_timeout: float | str | None = None,
+        memory_limit: int | str | None = None,
     ) -> Cluster:
         """Start a controller and ``n`` local engines; return once all ``n`` are registered.
 
@@ -136,18 +139,35 @@ class Cluster(View):
             itself (engines, shared memory, connection file) once it has had
             no work and no request from any client for that long, so a
             forgotten notebook does not hold the machine overnight.
+        memory_limit
+            Resident memory each engine may use: bytes, or a size such as
+            ``"2GB"``, ``"512MB"`` or ``"1.5GiB"``. An engine that passes it is
+            stopped, its task fails with an ``EngineDiedError`` saying how much it
+            used, and a fresh engine takes its id; the other engines go on.
 
         Raises
         ------
+        ValueError
+            ``n`` is negative or ``memory_limit`` is not a size.
         LauncherError
             The controller or an engine did not start; the message holds its log.
+
+        Examples
+        --------
+        >>> c = jd.Cluster.start(n=4, memory_limit="2GB")
         """
         if n < 0:
             raise ValueError(f"n must be 0 or more engines, not {n}")
         idle_timeout_s = parse_duration_s(idle_timeout) if idle_timeout is not None else None
+        memory_limit_bytes = parse_nbytes(memory_limit) if memory_limit is not None else None
         cluster_id = secrets.token_hex(4)
         process = local.start_controller(
-            cluster_id, n, ip, connection_file.runtime_dir(), idle_timeout_s=idle_timeout_s
+            cluster_id,
+            n,
+            ip,
+            connection_file.runtime_dir(),
+            idle_timeout_s=idle_timeout_s,
+            memory_limit_bytes=memory_limit_bytes,
         )
         path = connection_file.path_for(cluster_id)
         deadline = time.monotonic() + timeout_s
@@ -235,6 +255,7 @@ class Cluster(View):
                 task_id=e.get("task_id"),
                 queued=e.get("queued", 0),
                 exit_code=e.get("exit_code"),
+                memory_limit_bytes=e.get("memory_limit_bytes"),
             )
             for e in reply.content["engines"]
         ]
@@ -250,8 +271,13 @@ class Cluster(View):
         return None if stop_at is None else max(0.0, stop_at - time.time())
 
     def wait_for_engines(self, n: int, timeout_s: float = START_TIMEOUT_S) -> None:
-        """Wait until at least ``n`` engines are registered and alive."""
+        """Wait until at least ``n`` engines are registered and alive.
+
+        Asks the controller first: the engines last published may be older than
+        a death this client just learnt of (an engine stopped for its memory).
+        """
         deadline = time.monotonic() + timeout_s
+        self.status()
         while len(self.live_engine_ids()) < n:
             failures = self.connection.state.get("launch_failures", [])
             if failures:

@@ -82,6 +82,7 @@ class Controller:
         start_engine: EngineStarter | None = None,
         orphan_timeout_s: float = ORPHAN_TIMEOUT_S,
         idle_timeout_s: float | None = None,
+        memory_limit_bytes: int | None = None,
     ) -> None:
         self.cluster_id = cluster_id or secrets.token_hex(4)
         self.ip = ip
@@ -90,6 +91,7 @@ class Controller:
         self.start_engine = start_engine
         self.orphan_timeout_s = orphan_timeout_s
         self.idle_timeout_s = idle_timeout_s  # stop after this long without work (None: never)
+        self.memory_limit_bytes = memory_limit_bytes  # per engine; engines watch it themselves
         self.ctx: zmq.Context[Any] = zmq.Context()
         self.clients = _router(self.ctx)
         self.engines = _router(self.ctx)
@@ -685,6 +687,8 @@ class Controller:
             self._forward_output(msg)
         elif msg.msg_type == MsgType.STEAL_REPLY:
             self._on_steal_reply(engine, msg)
+        elif msg.msg_type == MsgType.MEMORY_EXCEEDED:
+            self._on_memory_exceeded(engine, msg)
         elif msg.msg_type == MsgType.HEARTBEAT_REQUEST:
             metrics = msg.content.get("metrics", {})
             if metrics != engine.metrics:
@@ -706,8 +710,15 @@ class Controller:
             ident, pid, str(content.get("host", "")), content.get("requested_id"), handle
         )
         logger.info("engine %d registered (pid %d on %s)", engine.engine_id, pid, engine.host)
+        engine.memory_limit_bytes = self.memory_limit_bytes
         self._send_engine(
-            engine, MsgType.REGISTER_REPLY, {"status": "ok", "engine_id": engine.engine_id}
+            engine,
+            MsgType.REGISTER_REPLY,
+            {
+                "status": "ok",
+                "engine_id": engine.engine_id,
+                "memory_limit_bytes": self.memory_limit_bytes,
+            },
         )
         self._state_changed()
         self._dispatch_balanced()
@@ -844,13 +855,15 @@ class Controller:
         in_flight = list(engine.in_flight)
         engine.in_flight.clear()
         requeue: list[TaskRecord] = []
+        # A task that took its engine over the memory limit would take the next one too.
+        may_retry = "memory_limit_bytes" not in engine.death_details
         for position, task_id in enumerate(in_flight):
             record = self.tasks.get(task_id)
             if record is None:
                 continue
             if position == 0:
                 record.died_on.append(engine.engine_id)
-            if record.target is None and (position > 0 or record.retries_left > 0):
+            if record.target is None and (position > 0 or (may_retry and record.retries_left > 0)):
                 if position == 0:
                     record.retries_left -= 1
                     logger.info("task %s runs again: its engine died", task_id)
@@ -866,6 +879,7 @@ class Controller:
                 exit_code=exit_code,
                 was_running=position == 0,
                 died_on=record.died_on,
+                **engine.death_details,
             )
         for record in requeue:
             record.state = TaskState.QUEUED
@@ -873,6 +887,38 @@ class Controller:
         self.balanced.push_front(requeue)
         self._on_actors_engine_death(engine)
         self._dispatch_balanced()
+
+    def _on_memory_exceeded(self, engine: EngineRecord, msg: Message) -> None:
+        """Stop an engine over its memory limit, failing its work with why; start a fresh one in its place.
+
+        The engine watches its own memory (closely, and also on hosts this
+        controller cannot see) and reports; the death is recorded here, as any other.
+        """
+        limit = self.memory_limit_bytes
+        rss_bytes = msg.content.get("rss_bytes")
+        if limit is None or not isinstance(rss_bytes, int) or rss_bytes <= limit:
+            logger.warning(
+                "dropped a memory report of engine %d: not over a limit", engine.engine_id
+            )
+            return
+        can_restart = engine.process is not None and self.start_engine is not None
+        logger.error(
+            "engine %d used %d bytes, over its limit of %d; stopping it%s",
+            engine.engine_id,
+            rss_bytes,
+            limit,
+            " and starting a fresh one" if can_restart else "",
+        )
+        engine.death_details = {
+            "rss_bytes": rss_bytes,
+            "memory_limit_bytes": limit,
+            "is_restarting": can_restart,
+        }
+        if engine.process is None:  # not started here, so not killed from here: it ends itself
+            self._send_engine(engine, MsgType.SHUTDOWN_REQUEST, {})
+        self._on_engine_death(engine, None)  # kills the process when this controller started it
+        if can_restart:
+            self._launch_engine(engine.engine_id)
 
     # ---- state for monitors ---------------------------------------------
 

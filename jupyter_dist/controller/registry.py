@@ -32,6 +32,9 @@ class EngineRecord:
     process: Any = None  # a Popen-like handle when this controller started the engine
     metrics: dict[str, Any] = field(default_factory=dict)  # from the latest heartbeat
     heartbeats: int = 0  # received so far (the controller answers every few)
+    memory_limit_bytes: int | None = None  # its resident memory may not pass this
+    # Why the controller stopped it, told to the askers of the work it held.
+    death_details: dict[str, Any] = field(default_factory=dict)
 
     @property
     def state(self) -> EngineState:
@@ -49,6 +52,7 @@ class EngineRecord:
             "queued": max(0, len(self.in_flight) - 1),
             "exit_code": self.exit_code,
             "registered": self.registered,
+            "memory_limit_bytes": self.memory_limit_bytes,
             **self.metrics,
         }
 

@@ -46,6 +46,9 @@ IDLE_HEARTBEAT_INTERVAL_S = 2.0
 CONTROLLER_TIMEOUT_S = 10.0
 REGISTER_TIMEOUT_S = 30.0
 ACTOR_STATE_INTERVAL_S = 0.5
+# While work runs, resident memory is checked against the limit this often: a task can
+# allocate gigabytes a second, and one check (a read of /proc/self/statm) costs microseconds.
+MEMORY_CHECK_INTERVAL_S = 0.05
 
 
 class _TaskQueue:
@@ -113,6 +116,9 @@ class Engine:
         self.actors: ActorHost | None = None  # made with the executor, once registered
         self.is_watching_actor_states = False
         self.early_actor_requests: list[Message] = []
+        self.memory_limit_bytes: int | None = None  # from the controller, at registration
+        self.is_watching_memory = False
+        self.is_over_memory = False  # reported: the controller stops this engine
 
     # ---- I/O thread -------------------------------------------------
 
@@ -134,6 +140,11 @@ class Engine:
         self.metrics.close()
         sock.close(linger=1000)
         self.loop.close()
+        if self.is_running_user_code:
+            # Told to stop mid-task, and user code keeps the main thread: end the process
+            # here, once what was sent has left (the socket lingers up to 1 s).
+            self.ctx.term()
+            os._exit(0)
 
     def _send(
         self,
@@ -168,6 +179,7 @@ class Engine:
                 self._to_actors(msg)
             else:
                 self.tasks.put(msg)
+            self._watch_memory()
         elif msg_type in (MsgType.TASK_REPLY, MsgType.RESULT_REPLY):
             self.caller.resolve(msg)
         elif msg_type in (MsgType.STREAM, MsgType.DISPLAY_DATA, MsgType.EXECUTE_RESULT):
@@ -220,7 +232,11 @@ class Engine:
             self._shutdown()
             return
         self.engine_id = int(msg.content["engine_id"])
-        logger.info("registered as engine %d", self.engine_id)
+        limit = msg.content.get("memory_limit_bytes")
+        self.memory_limit_bytes = int(limit) if limit else None
+        logger.info(
+            "registered as engine %d (memory limit: %s bytes)", self.engine_id, limit or "none"
+        )
         self.registered.set()
 
     def _heartbeat(self) -> None:
@@ -235,13 +251,51 @@ class Engine:
                 MsgType.HEARTBEAT_REQUEST,
                 {"engine_id": self.engine_id, "metrics": self.metrics.sample()},
             )
+            self._check_memory()  # also catches growth the watch missed (it starts with work)
         self.loop.call_later(self._heartbeat_interval_s(), self._heartbeat)
 
-    def _heartbeat_interval_s(self) -> float:
+    def _has_work(self) -> bool:
         has_actors = self.actors is not None and self.actors.has_actors
-        if self.is_running_user_code or len(self.tasks) or has_actors:
-            return HEARTBEAT_INTERVAL_S
-        return IDLE_HEARTBEAT_INTERVAL_S
+        return self.is_running_user_code or len(self.tasks) > 0 or has_actors
+
+    def _heartbeat_interval_s(self) -> float:
+        return HEARTBEAT_INTERVAL_S if self._has_work() else IDLE_HEARTBEAT_INTERVAL_S
+
+    def _watch_memory(self) -> None:
+        """Check memory every ``MEMORY_CHECK_INTERVAL_S`` while work is here (a heartbeat is too slow).
+
+        An idle engine is checked at its heartbeats only, so it does not wake for nothing.
+        """
+        if self.memory_limit_bytes is not None and not self.is_watching_memory:
+            self.is_watching_memory = True
+            self.loop.call_later(MEMORY_CHECK_INTERVAL_S, self._on_memory_watch)
+
+    def _on_memory_watch(self) -> None:
+        self.is_watching_memory = False
+        self._check_memory()
+
+    def _check_memory(self) -> None:
+        """Tell the controller once when resident memory passes the limit; it stops this engine.
+
+        The controller, not the engine, ends the process: it records why the
+        work failed and starts a fresh engine with this id.
+        """
+        limit = self.memory_limit_bytes
+        if limit is None or self.is_over_memory:
+            return
+        rss_bytes = self.metrics.rss_bytes()
+        if rss_bytes <= limit:
+            if self._has_work():
+                self._watch_memory()
+            return
+        self.is_over_memory = True
+        logger.error(
+            "engine %d uses %d bytes, over its limit of %d; asking the controller to stop it",
+            self.engine_id,
+            rss_bytes,
+            limit,
+        )
+        self._send(MsgType.MEMORY_EXCEEDED, {"engine_id": self.engine_id, "rss_bytes": rss_bytes})
 
     def _interrupt(self, task_ids: list[str] | None) -> None:
         if not self.is_running_user_code:
@@ -253,9 +307,6 @@ class Engine:
 
     def _shutdown(self) -> None:
         self.tasks.put(None)
-        if self.is_running_user_code:
-            # User code keeps the main thread: end the process once streams are out.
-            self.loop.call_later(0.5, lambda: os._exit(0))
         self.loop.stop()
 
     def _send_display(self, msg_type: str, data: dict[str, Any], metadata: dict[str, Any]) -> None:

@@ -46,18 +46,21 @@ class MetricsSampler:
         self._last_cpu_s = _cpu_seconds()
         self._last_wall_s = time.monotonic()
 
-    def _rss_bytes(self) -> int:
+    def rss_bytes(self) -> int:
+        """This engine's resident memory: a few microseconds, so it can be watched closely."""
         if self._statm is None:
-            return int(psutil.Process(self.pid).memory_info().rss)
-        return int(os.pread(self._statm, 128, 0).split()[1]) * self._page_nbytes
+            rss_bytes = int(psutil.Process(self.pid).memory_info().rss)
+        else:
+            rss_bytes = int(os.pread(self._statm, 128, 0).split()[1]) * self._page_nbytes
+        # Segments kept mapped for the next transfer belong to the pool, not to this engine.
+        return max(0, rss_bytes - shm.kept_unused_nbytes())
 
     def sample(self) -> dict[str, Any]:
         cpu_s, wall_s = _cpu_seconds(), time.monotonic()
         elapsed_s = wall_s - self._last_wall_s
         cpu_percent = round(100 * (cpu_s - self._last_cpu_s) / elapsed_s) if elapsed_s > 0 else 0
         self._last_cpu_s, self._last_wall_s = cpu_s, wall_s
-        # Segments kept mapped for the next transfer belong to the pool, not to this engine.
-        rss_bytes = max(0, self._rss_bytes() - shm.kept_unused_nbytes())
+        rss_bytes = self.rss_bytes()
         return {
             "cpu_percent": cpu_percent,
             # To 64 KiB: an idle engine's RSS moves by a page or two now and then, and

@@ -46,6 +46,7 @@ def start_controller(
     log_dir: Path,
     log_level: str = "INFO",
     idle_timeout_s: float | None = None,
+    memory_limit_bytes: int | None = None,
 ) -> LocalProcess:
     """Start a detached controller that starts ``n_engines`` local engines itself."""
     args = [
@@ -54,6 +55,8 @@ def start_controller(
     ]  # fmt: skip
     if idle_timeout_s is not None:
         args += ["--idle-timeout", str(idle_timeout_s)]
+    if memory_limit_bytes is not None:
+        args += ["--memory-limit", str(memory_limit_bytes)]
     return _spawn(args, log_dir / f"jupyter-dist-{cluster_id}-controller.log", new_session=True)
 
 

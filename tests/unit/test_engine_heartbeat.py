@@ -37,3 +37,13 @@ def test_an_engine_with_a_queued_or_running_task_beats_every_second(engine: Engi
     assert engine.tasks.get() is task
     engine.is_running_user_code = True
     assert engine._heartbeat_interval_s() == HEARTBEAT_INTERVAL_S
+
+
+def test_memory_is_watched_closely_only_while_work_is_here(engine: Engine) -> None:
+    engine.memory_limit_bytes = 2**60  # far above what this process uses
+    engine._check_memory()  # as at an idle heartbeat
+    assert not engine.is_watching_memory  # an idle engine does not wake for it
+    engine.is_running_user_code = True
+    engine._check_memory()
+    assert engine.is_watching_memory
+    assert not engine.is_over_memory

@@ -58,6 +58,39 @@ def test_engine_died_without_details_still_says_what_to_do() -> None:
     assert str(EngineDiedError(3)) == "Engine 3 died. `%dist restart 3` replaces it."
 
 
+def test_engine_over_its_memory_limit_says_how_much_it_used_and_what_happens_next() -> None:
+    error = EngineDiedError(
+        2,
+        pid=4711,
+        host="gpu1",
+        exit_code=-signal.SIGKILL,
+        task_id="7f3c",
+        rss_bytes=2_100_000_000,
+        memory_limit_bytes=2_000_000_000,
+        is_restarting=True,
+    )
+
+    message = str(error)
+
+    assert message.startswith("Engine 2 used 2.1 GB, over its 2 GB limit, so it was stopped")
+    assert "during task 7f3c" in message
+    assert "A fresh engine 2 takes its place" in message
+    assert "--memory-limit" in message
+    assert "The OS may have killed it" not in message  # the controller did, and says why
+    assert (error.rss_bytes, error.memory_limit_bytes, error.is_restarting) == (
+        2_100_000_000,
+        2_000_000_000,
+        True,
+    )
+
+
+def test_engine_just_over_its_memory_limit_shows_digits_that_tell_them_apart() -> None:
+    message = str(EngineDiedError(0, rss_bytes=3 * 2**29 + 5 * 2**20, memory_limit_bytes=3 * 2**29))
+
+    assert "used 1.50488 GiB, over its 1.5 GiB limit" in message
+    assert "`%dist restart 0` replaces it" in message  # not restarted by its controller
+
+
 def test_engine_died_with_a_pid_but_no_host_leaves_no_empty_host() -> None:
     message = str(EngineDiedError(3, pid=99, exit_code=-signal.SIGSEGV))
 
