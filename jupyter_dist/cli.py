@@ -15,8 +15,7 @@ from typing import Any, NoReturn
 
 from jupyter_dist import connection_file
 from jupyter_dist.errors import JupyterDistError
-from jupyter_dist.sizes import size_argument
-from jupyter_dist.units import duration_argument
+from jupyter_dist.quantities import argument_type, parse_duration_s, parse_nbytes
 
 LOG_FORMAT = "%(asctime)s %(name)s [%(process)d] %(levelname)s %(message)s"
 
@@ -164,11 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     start.add_argument(
         "--idle-timeout",
-        type=duration_argument,
+        type=argument_type(parse_duration_s),
         default=None,
         help="stop the cluster after this long without work, e.g. 30m or 2h (default: never)",
     )
-    start.add_argument("--memory-limit", type=size_argument, default=None, help=MEMORY_LIMIT_HELP)
+    start.add_argument(
+        "--memory-limit", type=argument_type(parse_nbytes), default=None, help=MEMORY_LIMIT_HELP
+    )
     start.set_defaults(run=_cmd_start)
 
     stop = sub.add_parser("stop", help="stop a cluster and all its engines")
@@ -202,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop after this many seconds without work and client requests",
     )
     controller.add_argument(
-        "--memory-limit", type=size_argument, default=None, help=MEMORY_LIMIT_HELP
+        "--memory-limit", type=argument_type(parse_nbytes), default=None, help=MEMORY_LIMIT_HELP
     )
     controller.set_defaults(run=_cmd_controller)
 

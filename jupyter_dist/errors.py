@@ -24,7 +24,7 @@ from __future__ import annotations
 import signal
 from collections.abc import Sequence
 
-from jupyter_dist.sizes import format_nbytes
+from jupyter_dist.quantities import format_nbytes
 
 __all__ = [
     "ActorDiedError",

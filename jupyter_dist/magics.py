@@ -26,8 +26,13 @@ import jupyter_dist as jd
 from jupyter_dist import connection_file
 from jupyter_dist.errors import describe_exit_code
 from jupyter_dist.private_file import write_atomically
-from jupyter_dist.sizes import format_nbytes, size_argument
-from jupyter_dist.units import duration_argument, format_duration
+from jupyter_dist.quantities import (
+    argument_type,
+    format_duration,
+    format_nbytes,
+    parse_duration_s,
+    parse_nbytes,
+)
 
 INTERRUPT_GRACE_S = 5.0
 LAUNCHERS = ("local",)
@@ -80,13 +85,13 @@ def _dist_parser() -> _Parser:
     start.add_argument("--ip", default="127.0.0.1", help="address the controller listens on")
     start.add_argument(
         "--idle-timeout",
-        type=duration_argument,
+        type=argument_type(parse_duration_s),
         default=None,
         help="stop the cluster after this long without work, e.g. 30m (default: never)",
     )
     start.add_argument(
         "--memory-limit",
-        type=size_argument,
+        type=argument_type(parse_nbytes),
         help="memory each engine may use, e.g. 2GB or 1.5GiB; one over it is stopped and restarted",
     )
     connect = sub.add_parser("connect", help="connect to a running cluster (default: the newest)")

@@ -24,8 +24,7 @@ from jupyter_dist.errors import ClusterError, DistTimeoutError, LauncherError
 from jupyter_dist.futures import Future, MultiFuture
 from jupyter_dist.launchers import local
 from jupyter_dist.protocol import MsgType
-from jupyter_dist.sizes import parse_nbytes
-from jupyter_dist.units import parse_duration_s
+from jupyter_dist.quantities import parse_duration_s, parse_nbytes
 
 if TYPE_CHECKING:
     from jupyter_dist.widgets import ClusterMonitor

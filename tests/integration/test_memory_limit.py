@@ -17,7 +17,7 @@ import pytest
 
 import jupyter_dist as jd
 from jupyter_dist import connection_file
-from jupyter_dist.sizes import format_nbytes
+from jupyter_dist.quantities import format_nbytes
 from tests.conftest import _run_cluster
 from tests.integration.kernel_session import KernelSession
 from tests.waiting import poll_for, wait_for_exit
