@@ -149,6 +149,19 @@ MEMORY_LIMIT_HELP = (
 )
 
 
+def add_limit_options(parser: argparse.ArgumentParser) -> None:
+    """``--idle-timeout`` and ``--memory-limit``, as ``jupyter-dist start`` and ``%dist start`` take them."""
+    parser.add_argument(
+        "--idle-timeout",
+        type=argument_type(parse_duration_s),
+        default=None,
+        help="stop the cluster after this long without work, e.g. 30m or 2h (default: never)",
+    )
+    parser.add_argument(
+        "--memory-limit", type=argument_type(parse_nbytes), default=None, help=MEMORY_LIMIT_HELP
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jupyter-dist", description="Start and manage jupyter-dist clusters."
@@ -161,15 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument(
         "--timeout", type=float, default=60.0, help="seconds to wait for the engines"
     )
-    start.add_argument(
-        "--idle-timeout",
-        type=argument_type(parse_duration_s),
-        default=None,
-        help="stop the cluster after this long without work, e.g. 30m or 2h (default: never)",
-    )
-    start.add_argument(
-        "--memory-limit", type=argument_type(parse_nbytes), default=None, help=MEMORY_LIMIT_HELP
-    )
+    add_limit_options(start)
     start.set_defaults(run=_cmd_start)
 
     stop = sub.add_parser("stop", help="stop a cluster and all its engines")

@@ -24,15 +24,10 @@ from tqdm.auto import tqdm
 
 import jupyter_dist as jd
 from jupyter_dist import connection_file
+from jupyter_dist.cli import add_limit_options
 from jupyter_dist.errors import describe_exit_code
 from jupyter_dist.private_file import write_atomically
-from jupyter_dist.quantities import (
-    argument_type,
-    format_duration,
-    format_nbytes,
-    parse_duration_s,
-    parse_nbytes,
-)
+from jupyter_dist.quantities import format_duration, format_nbytes
 
 INTERRUPT_GRACE_S = 5.0
 LAUNCHERS = ("local",)
@@ -83,17 +78,7 @@ def _dist_parser() -> _Parser:
     start.add_argument("-n", type=int, default=4, help="number of engines (default 4)")
     start.add_argument("--launcher", default="local", help="where engines run: local (default)")
     start.add_argument("--ip", default="127.0.0.1", help="address the controller listens on")
-    start.add_argument(
-        "--idle-timeout",
-        type=argument_type(parse_duration_s),
-        default=None,
-        help="stop the cluster after this long without work, e.g. 30m (default: never)",
-    )
-    start.add_argument(
-        "--memory-limit",
-        type=argument_type(parse_nbytes),
-        help="memory each engine may use, e.g. 2GB or 1.5GiB; one over it is stopped and restarted",
-    )
+    add_limit_options(start)
     connect = sub.add_parser("connect", help="connect to a running cluster (default: the newest)")
     connect.add_argument("cluster", nargs="?", help="cluster id or connection file")
     sub.add_parser("status", help="list the engines: state, CPU, memory, GPUs, task")

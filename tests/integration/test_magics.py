@@ -144,7 +144,9 @@ def test_targets_range_and_bad_options(kernel: KernelSession) -> None:
     bad = kernel.run("%dist start -n two")
     assert "invalid int value: 'two'" in bad.text("stderr")
     bad = kernel.run("%dist start --idle-timeout soon")
-    assert "'soon' is not a duration: write seconds (90) or a number with a unit" in bad.text("stderr")
+    assert "'soon' is not a duration: write seconds (90) or a number with a unit" in bad.text(
+        "stderr"
+    )
     bad = kernel.run("%dist start --launcher slurm")
     assert "launcher 'slurm' is not available" in bad.text("stderr")
     assert "Started" not in bad.text()
