@@ -13,6 +13,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import pickle
 import secrets
 import socket
 import subprocess
@@ -319,6 +320,30 @@ def test_engine_survives_a_flood_of_bad_messages_from_its_controller(
     poll_for(lambda: process.poll() is not None, 20, "the engine's exit after shutdown")
     assert process.returncode == 0
     report("engine DEALER", sent, started, rss[0], rss[-1])
+
+
+def test_engine_answers_a_task_whose_payload_is_not_a_call_with_an_error(
+    engine_under_test: EngineUnderTest,
+) -> None:
+    # Found by the fuzz: a signed apply whose pickle was not (fn, args, kwargs) ended the engine.
+    router, session, _, ident, process = engine_under_test
+    task_id = new_id()
+    frames = session.pack(
+        MsgType.TASK_REQUEST,
+        {"task_id": task_id, "kind": "apply", "target": 0},
+        signed_buffers=[pickle.dumps("not a call")],
+    )
+    router.send_multipart([ident, *frames])
+
+    reply = receive_until(
+        router,
+        session,
+        lambda m: m.msg_type == MsgType.TASK_REPLY and m.content["task_id"] == task_id,
+        "engine task",
+    )
+    assert reply.content["status"] == "error"
+    assert reply.content["error"]["ename"] == "ValueError"
+    assert process.poll() is None
 
 
 # ---- the state publisher's subscribers -------------------------------------------
