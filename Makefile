@@ -8,7 +8,7 @@ CHROMIUM := /usr/bin/chromium
 ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root,)
 LABEXT_SOURCES := labextension/package.json labextension/tsconfig.json $(wildcard labextension/src/* labextension/style/*)
 
-.PHONY: lab test lint unit integration bench clean
+.PHONY: lab test lint unit integration fuzz bench clean
 
 # `pip install -e .` also builds the JupyterLab panel (labextension/) through hatch-jupyter-builder.
 $(STAMP): pyproject.toml $(LABEXT_SOURCES)
@@ -38,6 +38,13 @@ unit: $(STAMP)
 
 integration: $(STAMP)
 	$(BIN)/python -m pytest -p no:cacheprovider -m integration tests
+
+# The long wire fuzz (FUZZING.md): >= 100,000 generated messages per socket kind; prints the counts.
+# `make test` runs the same tests with a few thousand each. No log capture: pytest would keep
+# every dropped-message warning in this process, and the subscribers' RSS is measured here.
+fuzz: $(STAMP)
+	JUPYTER_DIST_FUZZ_MESSAGES=100000 $(BIN)/python -m pytest -p no:cacheprovider -p no:logging -s --timeout 1800 \
+		tests/integration/test_wire_fuzz.py
 
 # Installs the peers (ipyparallel, Dask, Ray) and prints the side-by-side table (benchmarks/RESULTS.md).
 bench: $(STAMP)

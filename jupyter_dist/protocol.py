@@ -18,6 +18,12 @@ as one ``batch`` message (see ``outbox.py``): its content lists each
 message's four packed maps, its buffers are theirs, signed buffers first,
 and one signature covers them all. ``unpack_or_drop`` gives the messages
 back one by one, checked like single ones, so only the wire knows of it.
+
+A signature proves who sent a message, not that its content is sound: a
+receiver also drops a message whose content lacks a field it reads, or
+holds one of the wrong type (``check_content``), so no handler meets a
+``task_id`` that is a list, and no engine unpickles the payload of a
+request it could not run.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, TypedDict, cast
@@ -352,13 +358,184 @@ def _read_message(header: Header, envelope: Envelope, allowed_types: frozenset[s
     return Message(header, parent, metadata, content, buffers, envelope)
 
 
+Check = Callable[[Any], bool]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_str(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+def _is_map(value: Any) -> bool:
+    return isinstance(value, dict)
+
+
+def _is_list(value: Any) -> bool:
+    return isinstance(value, list)
+
+
+def _optional(check: Check) -> Check:
+    return lambda value: value is None or check(value)
+
+
+def _list_of(check: Check) -> Check:
+    return lambda value: isinstance(value, list) and all(check(item) for item in value)
+
+
+def _is_json(value: Any) -> bool:
+    """Whether ``value`` is made of what JSON holds (monitors send states on as JSON).
+
+    A loop, not recursion: msgpack nests deeper than Python's recursion limit.
+    """
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            if not all(isinstance(key, str) for key in item):
+                return False
+            stack.extend(item.values())
+        elif not (item is None or isinstance(item, str | int | float | bool)):
+            return False
+    return True
+
+
+def _is_engine_entry(value: Any) -> bool:
+    return (
+        isinstance(value, dict) and _is_int(value.get("engine_id")) and _is_str(value.get("state"))
+    )
+
+
+TASK_KINDS = frozenset(
+    {"execute", "apply", "push", "pull", "actor_create", "actor_call", "actor_kill"}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class _Fields:
+    """The content fields of one message type that receivers read: a test each, some required."""
+
+    checks: dict[str, Check]
+    required: tuple[str, ...] = ()
+
+
+_TASK_IDS = _list_of(_is_str)
+_STATE = _Fields({"seq": _is_int, "engines": _list_of(_is_engine_entry)}, ("seq", "engines"))
+_TASK_RESULT = _Fields(
+    {
+        "task_id": _is_str,
+        "status": _is_str,
+        "engine_id": _optional(_is_int),
+        "error": _is_map,
+        "shm": _is_list,
+    },
+    ("task_id", "status"),
+)
+_OUTPUT = _Fields({"task_id": _is_str, "engine_id": _optional(_is_int)})
+_CONTENT_FIELDS: dict[str, _Fields] = {
+    MsgType.TASK_REQUEST: _Fields(
+        {
+            "task_id": _is_str,
+            "kind": lambda kind: isinstance(kind, str) and kind in TASK_KINDS,
+            "target": _optional(_is_int),
+            "allowed": _optional(_list_of(_is_int)),
+            "shm": _is_list,
+            "sources": lambda sources: (
+                _is_map(sources) and all(_is_str(k) and _is_str(v) for k, v in sources.items())
+            ),
+            "code": _is_str,
+            "execution_count": _optional(_is_int),
+            "names": _list_of(_is_str),
+            "actor_id": _is_str,
+            "method": _is_str,
+            "max_concurrency": _is_int,
+            "max_restarts": _is_int,
+            "methods": _list_of(_is_str),
+        },
+        ("task_id", "kind"),
+    ),
+    MsgType.TASK_REPLY: _TASK_RESULT,
+    MsgType.RESULT_REPLY: _TASK_RESULT,
+    MsgType.STREAM: _Fields({**_OUTPUT.checks, "name": _is_str, "text": _is_str}),
+    MsgType.DISPLAY_DATA: _Fields({**_OUTPUT.checks, "data": _is_map, "metadata": _is_map}),
+    MsgType.EXECUTE_RESULT: _Fields({**_OUTPUT.checks, "data": _is_map, "metadata": _is_map}),
+    MsgType.REGISTER_REQUEST: _Fields(
+        {"pid": _is_int, "host": _is_str, "requested_id": _optional(_is_int)}, ("pid", "host")
+    ),
+    MsgType.REGISTER_REPLY: _Fields({"status": _is_str, "engine_id": _is_int}, ("status",)),
+    MsgType.HEARTBEAT_REQUEST: _Fields({"metrics": lambda m: _is_map(m) and _is_json(m)}),
+    MsgType.ACTOR_STATE: _Fields({"actor_id": _is_str, "state": _is_json}, ("actor_id",)),
+    MsgType.RESULT_REQUEST: _Fields({"task_ids": _TASK_IDS}, ("task_ids",)),
+    MsgType.CANCEL_REQUEST: _Fields({"task_ids": _TASK_IDS}, ("task_ids",)),
+    MsgType.STEAL_REQUEST: _Fields({"task_ids": _TASK_IDS}, ("task_ids",)),
+    MsgType.STEAL_REPLY: _Fields(
+        {"asked": _TASK_IDS, "task_ids": _TASK_IDS}, ("asked", "task_ids")
+    ),
+    MsgType.INTERRUPT_REQUEST: _Fields(
+        {"task_ids": _optional(_TASK_IDS), "engine_ids": _optional(_list_of(_is_int))}
+    ),
+    MsgType.RESTART_REQUEST: _Fields({"engine_ids": _list_of(_is_int)}, ("engine_ids",)),
+    MsgType.HISTORY_REQUEST: _Fields({"limit": _is_int}),
+    MsgType.STATE: _STATE,
+    MsgType.STATUS_REPLY: _STATE,
+    MsgType.CONNECT_REPLY: _STATE,
+}
+# Fields a task_request of each kind must have besides its id and kind.
+_KIND_FIELDS = {
+    "execute": ("code",),
+    "pull": ("names",),
+    "actor_create": ("actor_id",),
+    "actor_call": ("actor_id", "method"),
+    "actor_kill": ("actor_id",),
+}
+
+
+def check_content(msg: Message) -> None:
+    """Raise ProtocolError unless the fields receivers read are there and of the right type.
+
+    Run on every received message, after its signature: handlers may then
+    index what is required, and what is optional is None or well typed.
+    """
+    if not (_is_str(msg.header.get("msg_id")) and _is_str(msg.header.get("session"))):
+        raise ProtocolError("the header's msg_id and session must be strings")
+    if not _is_str(msg.parent.get("msg_id", "")):
+        raise ProtocolError("the parent's msg_id must be a string")
+    fields = _CONTENT_FIELDS.get(msg.msg_type)
+    if fields is None:
+        return
+    content = msg.content
+    required = fields.required
+    if msg.msg_type == MsgType.TASK_REQUEST:
+        required += _KIND_FIELDS.get(content.get("kind"), ())  # type: ignore[arg-type]
+    for name in required:
+        if name not in content:
+            raise ProtocolError(f"a {msg.msg_type} without its {name!r}")
+    for name, check in fields.checks.items():
+        if name in content and not check(content[name]):
+            raise ProtocolError(
+                f"a {msg.msg_type} whose {name!r} is a malformed {type(content[name]).__name__}"
+            )
+    if fields is _STATE and not _is_json(content):
+        raise ProtocolError(f"a {msg.msg_type} holding values that JSON cannot carry")
+
+
 def unpack_or_drop(
     session: Session, frames: Sequence[Buffer], peer: str
 ) -> tuple[list[bytes], list[Message]] | None:
-    """Unpack a received message (a batch: its messages), or log one warning and return None."""
+    """Unpack a received message (a batch: its messages), or log one warning and return None.
+
+    A batch with one malformed message is dropped whole: its sender is broken.
+    """
     try:
         idents, msg = session.unpack(frames)
-        return idents, session.split(msg)
+        messages = session.split(msg)
+        for each in messages:
+            check_content(each)
+        return idents, messages
     except ProtocolError as e:
         logger.warning("dropped a message from %s: %s", peer, e)
         return None

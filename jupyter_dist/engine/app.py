@@ -28,7 +28,7 @@ from jupyter_dist.actor_handle import register_caller
 from jupyter_dist.connection_file import ClusterInfo
 from jupyter_dist.engine.actors import ActorHost
 from jupyter_dist.engine.caller import EngineCaller
-from jupyter_dist.engine.executor import Executor, Outcome
+from jupyter_dist.engine.executor import Executor, Outcome, plain_error
 from jupyter_dist.engine.metrics import MetricsSampler
 from jupyter_dist.engine.streams import OutStream, current_task_id
 from jupyter_dist.errors import SerializationError
@@ -386,6 +386,9 @@ class Engine:
             outcome = Outcome(
                 error={"ename": "KeyboardInterrupt", "evalue": "", "traceback": "KeyboardInterrupt"}
             )
+        except Exception as e:  # the task boundary: a malformed request must not end the engine
+            logger.exception("engine %d: task %s could not run", self.engine_id, task_id)
+            outcome = Outcome(error=plain_error(e))
         finally:
             self.is_running_user_code = False
         self._send_reply(msg, outcome, started)

@@ -112,10 +112,14 @@ def test_what_an_unreachable_callback_puts_is_sent_in_the_same_flush(
     router, dealers = router_and_dealers
 
     def tell_a() -> None:
-        box.put(router, box.session.envelope(MsgType.TASK_REPLY, {"status": "error"}), b"a")
+        box.put(
+            router,
+            box.session.envelope(MsgType.TASK_REPLY, {"task_id": "t1", "status": "error"}),
+            b"a",
+        )
 
     box.put(router, box.session.envelope(MsgType.TASK_REQUEST, {}), b"gone", tell_a)
     box.flush()
 
     ((msg,),) = received(dealers[b"a"])
-    assert msg.content == {"status": "error"}
+    assert msg.content == {"task_id": "t1", "status": "error"}

@@ -543,3 +543,58 @@ def test_unpack_or_drop_drops_a_whole_batch_with_one_bad_message(
 
     assert protocol.unpack_or_drop(receiver, signed_batch([good, bad]), "a test") is None
     assert "dropped a message from a test: unknown message type" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("msg_type", "content", "error"),
+    [
+        ("task_request", {"kind": "apply"}, "without its 'task_id'"),
+        ("task_request", {"task_id": ["t"], "kind": "apply"}, "'task_id' is a malformed list"),
+        ("task_request", {"task_id": "t", "kind": "format_disk"}, "'kind' is a malformed str"),
+        ("task_request", {"task_id": "t", "kind": "execute"}, "without its 'code'"),
+        ("task_request", {"task_id": "t", "kind": "apply", "target": True}, "'target'"),
+        ("task_request", {"task_id": "t", "kind": "apply", "allowed": [0, "1"]}, "'allowed'"),
+        ("register_request", {"host": "h"}, "without its 'pid'"),
+        ("register_reply", {"engine_id": 0}, "without its 'status'"),
+        ("result_request", {"task_ids": "abc"}, "'task_ids' is a malformed str"),
+        ("state", {"seq": "9", "engines": []}, "'seq' is a malformed str"),
+        ("state", {"seq": 1, "engines": [{"engine_id": 0}]}, "'engines'"),
+        ("state", {"seq": 1, "engines": [], "x": {"y": b"bytes"}}, "JSON cannot carry"),
+    ],
+)
+def test_unpack_or_drop_drops_signed_messages_whose_content_receivers_cannot_read(
+    receiver: Session,
+    caplog: pytest.LogCaptureFixture,
+    msg_type: str,
+    content: dict[str, Any],
+    error: str,
+) -> None:
+    frames = signed_message(
+        valid_header(msg_type=msg_type, signed_buffers=1, buffer_sizes=[6]),
+        content,
+        signed_buffers=[b"pickle"],
+    )
+
+    assert protocol.unpack_or_drop(receiver, frames, "a test") is None
+    assert error in caplog.text
+
+
+def test_unpack_or_drop_drops_a_parent_whose_msg_id_cannot_key_a_request(
+    receiver: Session, caplog: pytest.LogCaptureFixture
+) -> None:
+    frames = signed_message(valid_header(), {}, parent={"msg_id": ["m"]})
+
+    assert protocol.unpack_or_drop(receiver, frames, "a test") is None
+    assert "the parent's msg_id must be a string" in caplog.text
+
+
+def test_a_state_nested_deeper_than_the_recursion_limit_is_dropped_not_raised(
+    receiver: Session,
+) -> None:
+    # msgpack reads 1,020 nested arrays (its packer refuses to write them): past Python's limit.
+    pairs = [msgpack.packb(x) for x in ("seq", 1, "engines", [], "x")]
+    content = b"\x83" + b"".join(pairs) + b"\x91" * 1020 + msgpack.packb(b"bytes")
+    body = [msgpack.packb(valid_header(msg_type="state")), msgpack.packb({}), msgpack.packb({})]
+    frames = [DELIM, sign([*body, content]), *body, content]
+
+    assert protocol.unpack_or_drop(receiver, frames, "a test") is None
