@@ -554,6 +554,8 @@ def test_unpack_or_drop_drops_a_whole_batch_with_one_bad_message(
         ("task_request", {"task_id": "t", "kind": "execute"}, "without its 'code'"),
         ("task_request", {"task_id": "t", "kind": "apply", "target": True}, "'target'"),
         ("task_request", {"task_id": "t", "kind": "apply", "allowed": [0, "1"]}, "'allowed'"),
+        ("task_request", {"task_id": "t", "kind": "apply", "retries": "2"}, "'retries'"),
+        ("memory_exceeded", {"engine_id": 1}, "without its 'rss_bytes'"),
         ("register_request", {"host": "h"}, "without its 'pid'"),
         ("register_reply", {"engine_id": 0}, "without its 'status'"),
         ("result_request", {"task_ids": "abc"}, "'task_ids' is a malformed str"),
