@@ -32,6 +32,7 @@ import zmq.asyncio
 import jupyter_dist as jd
 from jupyter_dist import connection_file
 from jupyter_dist.connection_file import ClusterInfo
+from jupyter_dist.private_file import write_atomically
 from jupyter_dist.protocol import Buffer, MsgType, Session, new_id
 from jupyter_dist.serialize import deserialize
 from jupyter_dist.server.clusters import ClusterLink
@@ -227,7 +228,10 @@ def engine_under_test(
         host=socket.gethostname(),
         created=time.time(),
     )
-    path = connection_file.write(info)
+    # Outside the runtime dir: there, any watcher (a Jupyter server's panel) would take it
+    # for a running cluster and send this ROUTER requests of its own.
+    path = tmp_path / "engine-connection.json"
+    write_atomically(path, json.dumps(dataclasses.asdict(info)))
     log = (tmp_path / "engine.log").open("wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "jupyter_dist.cli", "engine", "--connection-file", str(path)],
