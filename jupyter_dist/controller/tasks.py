@@ -3,7 +3,9 @@
 A result that could not be delivered (its client was gone) is kept until
 some client fetches it with ``get_result``. Delivered results stay for
 ``history()`` and late ``get_result`` calls until the history is full; then
-the oldest delivered ones are dropped first.
+the ones delivered longest ago are dropped first. Delivered results wait
+in a queue of their own, so dropping one never walks past the undelivered
+ones (a killed client's 100,000 results made every finish scan them all).
 """
 
 from __future__ import annotations
@@ -75,9 +77,16 @@ def _reply_nbytes(record: TaskRecord) -> int:
 class TaskStore:
     """Task records by id, with finished ones kept in finishing order."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        max_finished: int = MAX_FINISHED,
+        max_delivered_nbytes: int = MAX_DELIVERED_RESULT_NBYTES,
+    ) -> None:
+        self.max_finished = max_finished
+        self.max_delivered_nbytes = max_delivered_nbytes
         self._tasks: dict[str, TaskRecord] = {}
-        self._finished: OrderedDict[str, None] = OrderedDict()
+        self._finished: OrderedDict[str, None] = OrderedDict()  # in finishing order
+        self._delivered: OrderedDict[str, None] = OrderedDict()  # finished ones, in delivery order
         self._delivered_nbytes = 0
         self.count_done = 0
         self.count_failed = 0
@@ -104,6 +113,8 @@ class TaskStore:
         if not record.is_delivered:
             record.is_delivered = True
             self._delivered_nbytes += _reply_nbytes(record)
+            if record.task_id in self._finished:
+                self._delivered[record.task_id] = None
             self._evict()
 
     def mark_undelivered(self, record: TaskRecord) -> None:
@@ -114,6 +125,7 @@ class TaskStore:
         if record.is_delivered and self._tasks.get(record.task_id) is record:
             record.is_delivered = False
             self._delivered_nbytes -= _reply_nbytes(record)
+            self._delivered.pop(record.task_id, None)
 
     def pending_count(self) -> int:
         return len(self._tasks) - len(self._finished)
@@ -126,20 +138,12 @@ class TaskStore:
         return (unfinished + finished)[:limit]
 
     def _evict(self) -> None:
-        if (
-            len(self._finished) <= MAX_FINISHED
-            and self._delivered_nbytes <= MAX_DELIVERED_RESULT_NBYTES
+        """Drop the results delivered longest ago while over a limit; undelivered ones stay."""
+        while self._delivered and (
+            len(self._finished) > self.max_finished
+            or self._delivered_nbytes > self.max_delivered_nbytes
         ):
-            return
-        for task_id in list(self._finished):
-            if (
-                len(self._finished) <= MAX_FINISHED
-                and self._delivered_nbytes <= MAX_DELIVERED_RESULT_NBYTES
-            ):
-                return
-            record = self._tasks[task_id]
-            if not record.is_delivered:
-                continue
-            self._delivered_nbytes -= _reply_nbytes(record)
+            task_id, _ = self._delivered.popitem(last=False)
+            record = self._tasks.pop(task_id)
             del self._finished[task_id]
-            del self._tasks[task_id]
+            self._delivered_nbytes -= _reply_nbytes(record)
