@@ -107,6 +107,9 @@ class TaskStore:
         elif state == TaskState.FAILED:
             self.count_failed += 1
         self._finished[record.task_id] = None
+        if reply is None:  # cancelled: nothing waits to be delivered, so it may go in its turn
+            record.is_delivered = True
+            self._delivered[record.task_id] = None
         self._evict()
 
     def mark_delivered(self, record: TaskRecord) -> None:

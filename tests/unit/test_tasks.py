@@ -106,3 +106,13 @@ def test_delivered_results_are_dropped_beyond_the_byte_limit() -> None:
     assert store.get("big") is record  # undelivered: kept whatever its size
     store.mark_delivered(record)
     assert store.get("big") is None
+
+
+def test_cancelled_tasks_leave_the_history_like_delivered_ones() -> None:
+    store = TaskStore(max_finished=2)
+    for i in range(5):
+        record = TaskRecord(f"cancelled-{i}", b"client", "apply", None, None)
+        store.add(record)
+        store.finish(record, TaskState.CANCELLED, None)
+    assert [r.task_id for r in store.recent(10)] == ["cancelled-4", "cancelled-3"]
+    assert store.pending_count() == 0
