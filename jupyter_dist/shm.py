@@ -17,7 +17,9 @@ other data. A segment sent to several engines at once (a broadcast) is
 replied. A gather of large arrays goes the other way: the client makes
 one segment (``allocate_shared``) and each engine writes its part into it
 at its offset (``write_into``), so the parts are copied once, in parallel.
-The controller removes what is left of a cluster's segments when it stops.
+The controller removes what is left of a cluster's segments when it stops;
+a controller that was killed cannot, so the processes that outlive it (its
+engines as they exit, a client that finds it gone) call ``remove_orphaned``.
 
 Mapping a segment with its pages and unmapping it again cost about as much
 as copying it (3 + 3 ms against 8 ms for 100 MB here), and a segment goes
@@ -51,6 +53,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from jupyter_dist import connection_file
+from jupyter_dist.connection_file import ClusterInfo
 from jupyter_dist.errors import SerializationError
 
 logger = logging.getLogger(__name__)
@@ -81,6 +85,23 @@ def pool_for(cluster_id: str) -> SegmentPool | None:
     if not _CLUSTER_ID.fullmatch(cluster_id):
         return None  # a name we would not put in a path: such a cluster uses frames only
     return SegmentPool(cluster_id)
+
+
+def remove_orphaned(info: ClusterInfo) -> bool:
+    """Remove the cluster's segments on this host if its controller is gone; return whether it did.
+
+    A stopping controller removes them itself; a killed one leaves them, and
+    with them memory that nothing frees until the machine restarts. Mappings
+    stay valid: values over them live on, only the files go. Safe to call
+    from each process that outlives the controller, in any order. Nothing is
+    removed while the controller runs, or where it runs on another host.
+    """
+    pool = pool_for(info.cluster_id)
+    if pool is None or connection_file.is_alive(info):
+        return False
+    pool.remove_all()
+    logger.info("removed the shared memory of cluster %s: its controller is gone", info.cluster_id)
+    return True
 
 
 def _prefix(cluster_id: str) -> str:

@@ -255,8 +255,13 @@ class Engine:
         self.tasks.put(None)
         if self.is_running_user_code:
             # User code keeps the main thread: end the process once streams are out.
-            self.loop.call_later(0.5, lambda: os._exit(0))
+            self.loop.call_later(0.5, self._exit_now)
         self.loop.stop()
+
+    def _exit_now(self) -> None:
+        """End the process at once, leaving no shared memory behind if the controller was killed."""
+        shm.remove_orphaned(self.info)
+        os._exit(0)
 
     def _send_display(self, msg_type: str, data: dict[str, Any], metadata: dict[str, Any]) -> None:
         """Send a rich output of the running task (main thread), after the text printed before it."""
@@ -309,6 +314,9 @@ class Engine:
         while (msg := self.tasks.get()) is not None:
             self._run_task(executor, msg)
         io_thread.join(5)
+        # Last, after this engine's last send: a killed controller removes nothing, so each
+        # engine removes the cluster's segments as it exits, and the last one out gets them all.
+        shm.remove_orphaned(self.info)
 
     def _start_actors(self, executor: Executor) -> None:
         self.actors = ActorHost(executor, self._send_reply)
