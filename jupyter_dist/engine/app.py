@@ -132,7 +132,9 @@ class Engine:
         self.loop.call_later(HEARTBEAT_INTERVAL_S, self._heartbeat)
         self.loop.run()
         self.metrics.close()
-        sock.close(linger=1000)
+        sock.close(linger=1000)  # what was sent goes out first
+        if self.is_running_user_code:  # it keeps the main thread, maybe for hours: end it here
+            self._exit_now()
         self.loop.close()
 
     def _send(
@@ -253,9 +255,6 @@ class Engine:
 
     def _shutdown(self) -> None:
         self.tasks.put(None)
-        if self.is_running_user_code:
-            # User code keeps the main thread: end the process once streams are out.
-            self.loop.call_later(0.5, self._exit_now)
         self.loop.stop()
 
     def _exit_now(self) -> None:

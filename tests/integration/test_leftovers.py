@@ -129,6 +129,8 @@ def test_a_killed_controller_leaves_no_process_and_no_shared_memory(
 ) -> None:
     c, procs = started
     value = _use_shared_memory(c)
+    c[0].run("import time; time.sleep(60)", block=False)  # one engine exits from user code
+    poll_for(lambda: c.status()[0].state == "busy", 10, "engine 0 busy")
     procs.controller.send_signal(signal.SIGKILL)
     procs.reap_controller()
     _assert_nothing_left(procs)
