@@ -32,6 +32,7 @@ Layout of names, all under ``SHM_DIR``::
     jd-<cluster>-<uuid>                 in flight, named in a message
     jd-<cluster>-<uuid>.held            mapped by its receiver
     jd-<cluster>-free-<size>-<uuid>     in the pool, ``size`` bytes long
+    jd-<cluster>-started-<pid>          not a segment: an engine's start record (start_record.py)
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 
 import zmq
 
-from jupyter_dist import connection_file, shm
+from jupyter_dist import connection_file, shm, start_record
 from jupyter_dist.connection_file import ClusterInfo
 from jupyter_dist.controller.actors import ActorRecord, ActorRegistry, place
 from jupyter_dist.controller.registry import EngineRecord, EngineRegistry
@@ -805,12 +805,16 @@ class Controller:
         self._state_changed()
         in_flight = list(engine.in_flight)
         engine.in_flight.clear()
+        last_started = None
+        if exit_code is not None and engine.host == socket.gethostname():
+            last_started = start_record.take_last_started(self.cluster_id, engine.pid)
+        n_started = start_record.count_started(in_flight, last_started)
         requeue: list[TaskRecord] = []
         for position, task_id in enumerate(in_flight):
             record = self.tasks.get(task_id)
             if record is None:
                 continue
-            if position > 0 and record.target is None:
+            if position >= n_started and record.target is None:  # never started: move it
                 requeue.append(record)
                 continue
             self._fail(
@@ -821,7 +825,7 @@ class Controller:
                 pid=engine.pid,
                 host=engine.host,
                 exit_code=exit_code,
-                was_running=position == 0,
+                was_running=position == n_started - 1,
             )
         for record in requeue:
             record.state = TaskState.QUEUED

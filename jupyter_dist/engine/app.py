@@ -36,6 +36,7 @@ from jupyter_dist.ioloop import IOLoop
 from jupyter_dist.outbox import Outbox
 from jupyter_dist.protocol import Message, MsgType, Session, unpack_or_drop
 from jupyter_dist.security import secure_client
+from jupyter_dist.start_record import StartRecord
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +106,8 @@ class Engine:
         self.current_task_id = ""
         self.streams: list[OutStream] = []
         self.is_running_user_code = False
+        # What the controller reads if this process is killed: the tasks it had started.
+        self.start_record = StartRecord.create(info.cluster_id, os.getpid())
         self.parent_pid = os.getppid()
         self.last_controller_contact = time.monotonic()
         self.metrics = MetricsSampler()
@@ -313,6 +316,8 @@ class Engine:
         while (msg := self.tasks.get()) is not None:
             self._run_task(executor, msg)
         io_thread.join(5)
+        if self.start_record is not None:
+            self.start_record.remove()
         # Last, after this engine's last send: a killed controller removes nothing, so each
         # engine removes the cluster's segments as it exits, and the last one out gets them all.
         shm.remove_orphaned(self.info)
@@ -330,6 +335,8 @@ class Engine:
         current_task_id.set(task_id)
         started = time.time()
         signed = msg.signed_buffers
+        if self.start_record is not None:
+            self.start_record.mark(task_id)
         self.is_running_user_code = True
         try:
             raw_in = shm.import_buffers(self.shm_pool, msg.raw_buffers, content.get("shm", []))
