@@ -67,6 +67,7 @@ class MsgType(StrEnum):
     STATUS_REPLY = "status_reply"
     RESULT_REQUEST = "result_request"
     RESULT_REPLY = "result_reply"
+    RESULT_ACK = "result_ack"  # client -> controller: it has these results; no reply
     HISTORY_REQUEST = "history_request"
     HISTORY_REPLY = "history_reply"
     CANCEL_REQUEST = "cancel_request"

@@ -321,6 +321,7 @@ class Controller:
             request=msg,
             allowed=tuple(content["allowed"]) if content.get("allowed") else None,
             is_from_engine=from_engine,
+            is_ack_expected=content.get("acks") is True,
         )
         if self.tasks.get(record.task_id) is not None:
             logger.warning("dropped a task_request reusing task id %s", record.task_id)
@@ -352,6 +353,14 @@ class Controller:
                 self._reply(ident, MsgType.RESULT_REPLY, content, msg, to_engine=from_engine)
             else:
                 self._deliver(record, ident, msg, to_engine=from_engine)
+
+    def _on_result_ack(self, ident: bytes, msg: Message) -> None:
+        """The client has these results: they may leave the store in their turn."""
+        task_ids = msg.content.get("task_ids")
+        for task_id in task_ids if isinstance(task_ids, list) else []:
+            record = self.tasks.get(task_id) if isinstance(task_id, str) else None
+            if record is not None and record.is_finished:
+                self.tasks.mark_collected(record)
 
     def _on_history(self, ident: bytes, msg: Message) -> None:
         limit = int(msg.content.get("limit", 100))
@@ -424,6 +433,7 @@ class Controller:
         MsgType.STATUS_REQUEST: _on_status,
         MsgType.TASK_REQUEST: _on_task,
         MsgType.RESULT_REQUEST: _on_result,
+        MsgType.RESULT_ACK: _on_result_ack,
         MsgType.HISTORY_REQUEST: _on_history,
         MsgType.CANCEL_REQUEST: _on_cancel,
         MsgType.INTERRUPT_REQUEST: _on_interrupt,

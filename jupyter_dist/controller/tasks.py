@@ -1,10 +1,12 @@
 """Keep every task's record and result until a client has it, and a bounded history after.
 
 A result that could not be delivered (its client was gone) is kept until
-some client fetches it with ``get_result``. Delivered results stay for
-``history()`` and late ``get_result`` calls until the history is full; then
-the ones delivered longest ago are dropped first. Delivered results wait
-in a queue of their own, so dropping one never walks past the undelivered
+some client fetches it with ``get_result``. So is one sent to a client that
+confirms what it takes in (``result_ack``) until it confirms: a client killed
+with results in its socket's queue never had them. Collected results stay
+for ``history()`` and late ``get_result`` calls until the history is full;
+then the ones collected longest ago are dropped first. Collected results
+wait in a queue of their own, so dropping one never walks past the kept
 ones (a killed client's 100,000 results made every finish scan them all).
 """
 
@@ -46,6 +48,7 @@ class TaskRecord:
     finished: float | None = None
     reply: Message | None = None
     is_delivered: bool = False
+    is_ack_expected: bool = False  # its asker confirms the results it takes in
     is_from_engine: bool = False  # asked by an engine (an actor handle or a future it was given)
     actor_id: str | None = None
     waiters: list[tuple[bool, bytes]] = field(
@@ -86,7 +89,7 @@ class TaskStore:
         self.max_delivered_nbytes = max_delivered_nbytes
         self._tasks: dict[str, TaskRecord] = {}
         self._finished: OrderedDict[str, None] = OrderedDict()  # in finishing order
-        self._delivered: OrderedDict[str, None] = OrderedDict()  # finished ones, in delivery order
+        self._delivered: OrderedDict[str, None] = OrderedDict()  # collected, in that order
         self._delivered_nbytes = 0
         self.count_done = 0
         self.count_failed = 0
@@ -109,15 +112,25 @@ class TaskStore:
         self._finished[record.task_id] = None
         if reply is None:  # cancelled: nothing waits to be delivered, so it may go in its turn
             record.is_delivered = True
-            self._delivered[record.task_id] = None
+            self._collect(record)
         self._evict()
 
     def mark_delivered(self, record: TaskRecord) -> None:
-        if not record.is_delivered:
+        """Its reply was sent: it may go in its turn, once confirmed where the asker confirms."""
+        record.is_delivered = True
+        if not record.is_ack_expected:
+            self._collect(record)
+
+    def mark_collected(self, record: TaskRecord) -> None:
+        """A client confirmed it has the result: it may go in its turn."""
+        if self._tasks.get(record.task_id) is record:
             record.is_delivered = True
+            self._collect(record)
+
+    def _collect(self, record: TaskRecord) -> None:
+        if record.task_id in self._finished and record.task_id not in self._delivered:
+            self._delivered[record.task_id] = None
             self._delivered_nbytes += _reply_nbytes(record)
-            if record.task_id in self._finished:
-                self._delivered[record.task_id] = None
             self._evict()
 
     def mark_undelivered(self, record: TaskRecord) -> None:
@@ -127,8 +140,9 @@ class TaskStore:
         """
         if record.is_delivered and self._tasks.get(record.task_id) is record:
             record.is_delivered = False
-            self._delivered_nbytes -= _reply_nbytes(record)
-            self._delivered.pop(record.task_id, None)
+            if record.task_id in self._delivered:
+                del self._delivered[record.task_id]
+                self._delivered_nbytes -= _reply_nbytes(record)
 
     def pending_count(self) -> int:
         return len(self._tasks) - len(self._finished)

@@ -116,3 +116,17 @@ def test_cancelled_tasks_leave_the_history_like_delivered_ones() -> None:
         store.finish(record, TaskState.CANCELLED, None)
     assert [r.task_id for r in store.recent(10)] == ["cancelled-4", "cancelled-3"]
     assert store.pending_count() == 0
+
+
+def test_a_result_sent_to_a_confirming_client_is_kept_until_it_confirms() -> None:
+    store = TaskStore(max_finished=1)
+    sent = TaskRecord("sent", b"client", "apply", None, None, is_ack_expected=True)
+    store.add(sent)
+    store.finish(sent, TaskState.DONE, _reply("sent"))
+    store.mark_delivered(sent)  # in the client's queue when it was killed, maybe
+    for i in range(3):
+        _finish(store, f"done-{i}", is_delivered=True)
+    assert store.get("sent") is sent
+    store.mark_collected(sent)
+    _finish(store, "done-3", is_delivered=True)
+    assert store.get("sent") is None
