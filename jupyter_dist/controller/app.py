@@ -29,6 +29,7 @@ import zmq
 
 from jupyter_dist import connection_file, shm, start_record
 from jupyter_dist.connection_file import ClusterInfo
+from jupyter_dist.controller import memory
 from jupyter_dist.controller.actors import ActorRecord, ActorRegistry, place
 from jupyter_dist.controller.registry import EngineRecord, EngineRegistry
 from jupyter_dist.controller.scheduler import BalancedQueue
@@ -114,6 +115,7 @@ class Controller:
         self.state_seq = 0  # numbers each published state, so monitors can order them
         self.published_state: dict[str, Any] = {}
         self.connection_path = ""
+        self.finished_at_release = 0  # tasks finished when memory was last given back
 
     # ---- life cycle ---------------------------------------------------
 
@@ -770,6 +772,10 @@ class Controller:
     def _check_engines(self) -> None:
         now = time.monotonic()
         self._check_exits()
+        finished = self.tasks.count_done + self.tasks.count_failed
+        if finished != self.finished_at_release and not self.tasks.pending_count():
+            self.finished_at_release = finished  # the work drained: give back what it took
+            memory.release_free_memory()
         for engine in self.registry.live():
             if now - engine.last_seen > HEARTBEAT_TIMEOUT_S:
                 self._on_engine_death(engine, None)

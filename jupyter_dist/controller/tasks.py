@@ -20,7 +20,10 @@ from typing import Any
 
 from jupyter_dist.protocol import Message
 
-MAX_FINISHED = 100_000
+# Finished tasks kept for history() and late get_result calls (beyond it, collected ones go;
+# uncollected ones stay whatever their number). Each holds its reply, 5 kB for a no-op's:
+# 100,000 kept the controller at 500 MB, and it never came down after a burst of work.
+MAX_FINISHED = 10_000
 MAX_DELIVERED_RESULT_NBYTES = 256 * 1024 * 1024
 
 
