@@ -130,6 +130,7 @@ def client_main(args: argparse.Namespace) -> int:
         "p99": 1e3 * latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
     }
     (out / f"{args.tag}.json").write_text(json.dumps(report))
+    ledger.kill()  # actors outlive their client: this one is no longer needed
     c.close()
     return 0
 

@@ -8,7 +8,7 @@ import jupyter_dist as jd
 from benchmarks.queued import measure
 
 N_TASKS = 100_000
-# Measured 342 MB while queued and 497 MB at the peak (benchmarks/RESULTS.md); twice that fails.
+# Measured 356 MB while queued and 370 MB at the peak (benchmarks/RESULTS.md); 1 GB fails.
 PEAK_RSS_BOUND_MB = 1_000
 
 
