@@ -17,6 +17,9 @@ other data. A segment sent to several engines at once (a broadcast) is
 replied. A gather of large arrays goes the other way: the client makes
 one segment (``allocate_shared``) and each engine writes its part into it
 at its offset (``write_into``), so the parts are copied once, in parallel.
+Names being written or held carry their process's id, so the controller
+removes those of a process that is gone (a client killed while it sent a
+gigabyte, or holding values) while the cluster runs (``remove_dead_owners``).
 The controller removes what is left of a cluster's segments when it stops;
 a controller that was killed cannot, so the processes that outlive it (its
 engines as they exit, a client that finds it gone) call ``remove_orphaned``.
@@ -29,8 +32,9 @@ when its file is gone or it has too many.
 
 Layout of names, all under ``SHM_DIR``::
 
+    jd-<cluster>-<uuid>.writing-<pid>   being written by process ``pid``
     jd-<cluster>-<uuid>                 in flight, named in a message
-    jd-<cluster>-<uuid>.held            mapped by its receiver
+    jd-<cluster>-<uuid>.held-<pid>      mapped by its receiver, process ``pid``
     jd-<cluster>-free-<size>-<uuid>     in the pool, ``size`` bytes long
     jd-<cluster>-started-<pid>          not a segment: an engine's start record (start_record.py)
 """
@@ -72,6 +76,7 @@ MAX_KEPT_MAPPINGS = 16
 
 _CLUSTER_ID = re.compile(r"[0-9a-zA-Z]{1,32}")
 _NAME = re.compile(r"jd-[0-9a-zA-Z]{1,32}-[0-9a-f]{32}")
+_OWNED = re.compile(r"[0-9a-f]{32}\.(?:held|writing)-([0-9]+)")  # after the cluster's prefix
 
 
 def host_name() -> str:
@@ -275,9 +280,16 @@ class SegmentPool:
         nbytes = src.nbytes
         name = f"{self._prefix}{uuid.uuid4().hex}"
         path = self._path(name)
-        self._claim(path, nbytes)
-        with _as_bytes(_mapped_files.view(path, nbytes)) as dst:
-            _copy(dst, src)
+        writing = f"{path}.writing-{os.getpid()}"  # removed by the controller if this process dies
+        self._claim(writing, nbytes)
+        try:
+            with _as_bytes(_mapped_files.view(writing, nbytes)) as dst:
+                _copy(dst, src)
+            os.rename(writing, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(writing)
+            raise
         return [name, nbytes, shared]
 
     def allocate(self, nbytes: int) -> memoryview:
@@ -367,7 +379,7 @@ class SegmentPool:
 
     def _hold(self, path: str, name: str, nbytes: int) -> memoryview:
         """Rename the segment as taken and map it; it goes into the pool once nothing uses the view."""
-        held = f"{path}.held"
+        held = f"{path}.held-{os.getpid()}"
         os.rename(path, held)
         try:
             view = _mapped_files.view(held, nbytes, functools.partial(self._release, held, name))
@@ -396,12 +408,39 @@ class SegmentPool:
                 total += _free_size(entry, self._free_prefix) or 0
         return total
 
+    def remove_dead_owners(self) -> None:
+        """Remove segments being written or held by processes that are gone (the controller, each second).
+
+        Nothing else can use them: a segment being written was never named
+        in a message, and a held one was mapped by its holder alone.
+        """
+        for entry in os.listdir(self.directory):
+            owned = (
+                _OWNED.fullmatch(entry[len(self._prefix) :])
+                if entry.startswith(self._prefix)
+                else None
+            )
+            if owned is not None and not _is_running(int(owned[1])):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._path(entry))
+                logger.info("removed shared memory %s: its process is gone", entry)
+
     def remove_all(self) -> None:
         """Remove every segment of this cluster on this host (the controller, when it stops)."""
         for entry in os.listdir(self.directory):
             if entry.startswith(self._prefix):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self._path(entry))
+
+
+def _is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's: not ours to judge
+    return True
 
 
 def _free_size(entry: str, free_prefix: str) -> int | None:

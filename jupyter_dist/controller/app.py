@@ -116,6 +116,7 @@ class Controller:
         self.published_state: dict[str, Any] = {}
         self.connection_path = ""
         self.finished_at_release = 0  # tasks finished when memory was last given back
+        self.shm_pool = shm.pool_for(self.cluster_id)
 
     # ---- life cycle ---------------------------------------------------
 
@@ -193,9 +194,8 @@ class Controller:
             self.watched_templates.discard(template.fileno())
 
     def _close(self) -> None:
-        pool = shm.pool_for(self.cluster_id)
-        if pool is not None:
-            pool.remove_all()  # segments nobody received, or that receivers still held
+        if self.shm_pool is not None:
+            self.shm_pool.remove_all()  # segments nobody received, or that receivers still held
         # Last: a client that sees the file gone may give back its mappings of the segments.
         if self.connection_path:
             os.unlink(self.connection_path) if os.path.exists(self.connection_path) else None
@@ -772,6 +772,8 @@ class Controller:
     def _check_engines(self) -> None:
         now = time.monotonic()
         self._check_exits()
+        if self.shm_pool is not None:
+            self.shm_pool.remove_dead_owners()  # a killed client's
         finished = self.tasks.count_done + self.tasks.count_failed
         if finished != self.finished_at_release and not self.tasks.pending_count():
             self.finished_at_release = finished  # the work drained: give back what it took

@@ -146,6 +146,7 @@ CLIENT = textwrap.dedent(
     import jupyter_dist as jd
 
     c = jd.Cluster.connect(sys.argv[1])
+    held = c[0].apply(lambda: np.ones(2**21, np.uint8))  # a segment this process holds
     x = np.ones(2**30, np.uint8)
     while True:
         c.push(x=x)
@@ -153,17 +154,29 @@ CLIENT = textwrap.dedent(
 )
 
 
-def test_a_client_killed_while_it_sends_a_gigabyte_leaves_nothing_once_the_cluster_stops(
+def test_a_client_killed_while_it_sends_a_gigabyte_leaves_nothing(
     started: tuple[jd.Cluster, ClusterProcesses],
 ) -> None:
     c, procs = started
     client = subprocess.Popen([sys.executable, "-c", CLIENT, c.id])
+    owned = f"-{client.pid}"  # held by it, or being written by it
+
+    def being_written() -> bool:
+        return any(e.endswith(f".writing{owned}") for e in _segments(c.id))
+
     try:
-        poll_for(lambda: _segments(c.id), 60, "the client's transfer under way")
+        poll_for(being_written, 60, "the client's gigabyte being copied")
         client.send_signal(signal.SIGKILL)
     finally:
         client.kill()
         client.wait()
+    assert any(e.endswith(owned) for e in _segments(c.id))
+    # The cluster runs on, and gives back the dead client's memory meanwhile.
+    poll_for(
+        lambda: not any(e.endswith(owned) for e in _segments(c.id)),
+        10,
+        "no segment of the killed client",
+    )
     assert c.run("'still serving'") == ["still serving"] * 2
     c.stop()
     procs.reap_controller()
