@@ -351,7 +351,7 @@ class SegmentPool:
     def unlink(self, descriptors: Sequence[Sequence[Any]]) -> None:
         """Remove shared segments once every receiver has mapped them (mappings stay valid)."""
         for name, _, _ in descriptors:
-            if _NAME.fullmatch(name):
+            if isinstance(name, str) and name.startswith(self._prefix) and _NAME.fullmatch(name):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self._path(name))
 
@@ -441,6 +441,17 @@ def _is_running(pid: int) -> bool:
     except PermissionError:
         return True  # another user's: not ours to judge
     return True
+
+
+def segment_names(descriptors: Any) -> tuple[str, ...]:
+    """The names in a message's ``shm`` descriptors (``[index, name, nbytes, shared]``), malformed ones left out."""
+    if not isinstance(descriptors, list):
+        return ()
+    return tuple(
+        d[1]
+        for d in descriptors
+        if isinstance(d, list) and len(d) == 4 and isinstance(d[1], str) and _NAME.fullmatch(d[1])
+    )
 
 
 def _free_size(entry: str, free_prefix: str) -> int | None:

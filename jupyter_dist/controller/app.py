@@ -101,7 +101,8 @@ class Controller:
         self.loop.at_turn_end(self.outbox.flush)
         self.registry = EngineRegistry()
         self.actors = ActorRegistry()
-        self.tasks = TaskStore()
+        self.shm_pool = shm.pool_for(self.cluster_id)
+        self.tasks = TaskStore(on_unused_segments=self._remove_segments)
         self.balanced = BalancedQueue()
         self.stealing: set[str] = set()  # task ids asked back from engines to move them
         self.cancelling: set[str] = set()  # task ids asked back from engines to cancel them
@@ -116,7 +117,6 @@ class Controller:
         self.published_state: dict[str, Any] = {}
         self.connection_path = ""
         self.finished_at_release = 0  # tasks finished when memory was last given back
-        self.shm_pool = shm.pool_for(self.cluster_id)
 
     # ---- life cycle ---------------------------------------------------
 
@@ -192,6 +192,12 @@ class Controller:
         if template.has_ended:  # engines it forked are now checked once a second
             self.loop.remove_reader(template.fileno())
             self.watched_templates.discard(template.fileno())
+
+    def _remove_segments(self, names: list[str]) -> None:
+        """Segments of finished tasks: taken by their receivers, or never to be (a broadcast's
+        sender killed before it removed it, a task cancelled or failed before it ran)."""
+        if self.shm_pool is not None:
+            self.shm_pool.unlink([(name, 0, True) for name in names])
 
     def _close(self) -> None:
         if self.shm_pool is not None:
@@ -324,6 +330,7 @@ class Controller:
             allowed=tuple(content["allowed"]) if content.get("allowed") else None,
             is_from_engine=from_engine,
             is_ack_expected=content.get("acks") is True,
+            segments=shm.segment_names(content.get("shm")),
         )
         if self.tasks.get(record.task_id) is not None:
             logger.warning("dropped a task_request reusing task id %s", record.task_id)

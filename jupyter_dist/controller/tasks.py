@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -58,6 +59,7 @@ class TaskRecord:
         default_factory=list
     )  # (is engine, ident) asking for it
     times_sent: int = 0
+    segments: tuple[str, ...] = ()  # shared-memory segments its request names
 
     @property
     def is_finished(self) -> bool:
@@ -87,7 +89,12 @@ class TaskStore:
         self,
         max_finished: int = MAX_FINISHED,
         max_delivered_nbytes: int = MAX_DELIVERED_RESULT_NBYTES,
+        on_unused_segments: Callable[[list[str]], None] = lambda names: None,
     ) -> None:
+        # Called with the segments no unfinished task names any more: whoever received them
+        # has them (renamed, or mapped for a broadcast); the others nobody will ever take.
+        self.on_unused_segments = on_unused_segments
+        self._segment_users: dict[str, int] = {}  # segment -> unfinished tasks naming it
         self.max_finished = max_finished
         self.max_delivered_nbytes = max_delivered_nbytes
         self._tasks: dict[str, TaskRecord] = {}
@@ -99,6 +106,8 @@ class TaskStore:
 
     def add(self, record: TaskRecord) -> None:
         self._tasks[record.task_id] = record
+        for name in record.segments:
+            self._segment_users[name] = self._segment_users.get(name, 0) + 1
 
     def get(self, task_id: str) -> TaskRecord | None:
         return self._tasks.get(task_id)
@@ -108,6 +117,8 @@ class TaskStore:
         record.finished = time.time()
         record.reply = reply
         record.request = None
+        if record.segments:
+            self._release_segments(record.segments)
         if state == TaskState.DONE:
             self.count_done += 1
         elif state == TaskState.FAILED:
@@ -146,6 +157,17 @@ class TaskStore:
             if record.task_id in self._delivered:
                 del self._delivered[record.task_id]
                 self._delivered_nbytes -= _reply_nbytes(record)
+
+    def _release_segments(self, names: tuple[str, ...]) -> None:
+        unused = []
+        for name in names:
+            users = self._segment_users.pop(name, 1) - 1
+            if users > 0:
+                self._segment_users[name] = users
+            else:
+                unused.append(name)
+        if unused:
+            self.on_unused_segments(unused)
 
     def pending_count(self) -> int:
         return len(self._tasks) - len(self._finished)

@@ -181,3 +181,68 @@ def test_a_client_killed_while_it_sends_a_gigabyte_leaves_nothing(
     c.stop()
     procs.reap_controller()
     _assert_nothing_left(procs)
+
+
+def _in_flight(cluster_id: str) -> list[str]:
+    """Segments named in a message and not yet taken (no suffix: not held, pooled or written)."""
+    return [
+        e
+        for e in _segments(cluster_id)
+        if "." not in e and "-free-" not in e and "-started-" not in e
+    ]
+
+
+def _hold_engines(c: jd.Cluster, gate: Path) -> jd.Future:
+    return c.run(
+        f"import os, time\nwhile not os.path.exists({str(gate)!r}): time.sleep(0.01)", block=False
+    )
+
+
+BROADCASTER = textwrap.dedent(
+    """
+    import sys, threading
+    import numpy as np
+    import jupyter_dist as jd
+
+    c = jd.Cluster.connect(sys.argv[1])
+    c.push(x=np.ones(2**21, np.uint8), block=False)  # one segment both engines map
+    c.status()  # answered after the push went out
+    open(sys.argv[2], "w").close()
+    threading.Event().wait()
+    """
+)
+
+
+def test_a_broadcast_whose_sender_was_killed_leaves_no_shared_memory(
+    started: tuple[jd.Cluster, ClusterProcesses], tmp_path: Path
+) -> None:
+    c, _ = started
+    gate, sent = tmp_path / "gate", tmp_path / "sent"
+    hold = _hold_engines(c, gate)
+    client = subprocess.Popen([sys.executable, "-c", BROADCASTER, c.id, str(sent)])
+    try:
+        poll_for(sent.exists, 60, "the broadcast sent")
+    finally:
+        client.kill()
+        client.wait()
+    assert len(_in_flight(c.id)) == 1  # its sender would have removed it once both replied
+    gate.touch()
+    hold.result(timeout=20)
+    poll_for(lambda: not _in_flight(c.id), 10, "the broadcast's segment removed")
+    assert c.run("int(x.sum())") == [2**21] * 2  # the engines' mappings outlive the file
+
+
+def test_a_task_that_never_ran_leaves_no_shared_memory(
+    started: tuple[jd.Cluster, ClusterProcesses], tmp_path: Path
+) -> None:
+    c, _ = started
+    gate = tmp_path / "gate"
+    _hold_engines(c, gate)
+    pushed = c[1].push(y=np.ones(2**21, np.uint8), block=False)  # queued behind the hold
+    assert len(_in_flight(c.id)) == 1
+    victim = c.status()[1].pid
+    psutil.Process(victim).kill()
+    with pytest.raises(jd.EngineDiedError):
+        pushed.result(timeout=20)
+    assert not _in_flight(c.id)
+    gate.touch()

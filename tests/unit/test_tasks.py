@@ -130,3 +130,18 @@ def test_a_result_sent_to_a_confirming_client_is_kept_until_it_confirms() -> Non
     store.mark_collected(sent)
     _finish(store, "done-3", is_delivered=True)
     assert store.get("sent") is None
+
+
+def test_a_segment_is_released_when_the_last_task_naming_it_finishes() -> None:
+    released: list[list[str]] = []
+    store = TaskStore(on_unused_segments=released.append)
+    records = [
+        TaskRecord(f"part-{i}", b"client", "push", i, None, segments=("jd-c0ffee-seg",))
+        for i in range(2)
+    ]
+    for record in records:
+        store.add(record)
+    store.finish(records[0], TaskState.DONE, _reply("part-0"))
+    assert released == []  # the other engine may not have mapped it yet
+    store.finish(records[1], TaskState.FAILED, _reply("part-1"))
+    assert released == [["jd-c0ffee-seg"]]
