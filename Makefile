@@ -8,7 +8,7 @@ CHROMIUM := /usr/bin/chromium
 ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root,)
 LABEXT_SOURCES := labextension/package.json labextension/tsconfig.json $(wildcard labextension/src/* labextension/style/*)
 
-.PHONY: lab test lint unit integration fuzz bench clean
+.PHONY: lab test lint unit integration fuzz bench soak clean
 
 # `pip install -e .` also builds the JupyterLab panel (labextension/) through hatch-jupyter-builder.
 $(STAMP): pyproject.toml $(LABEXT_SOURCES)
@@ -50,6 +50,11 @@ fuzz: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
 	$(BIN)/python -m benchmarks --json benchmarks/last-run.json
+
+# Load with faults (benchmarks/soak.py): 4 clients x 8 engines, 10,000 tasks and 2,000 actor
+# calls each, an engine and a client SIGKILLed mid-run; a few minutes. A short version is in make test.
+soak: $(STAMP)
+	$(BIN)/python -m benchmarks.soak
 
 clean:
 	rm -rf $(VENV)

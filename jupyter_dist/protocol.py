@@ -74,6 +74,7 @@ class MsgType(StrEnum):
     STATUS_REPLY = "status_reply"
     RESULT_REQUEST = "result_request"
     RESULT_REPLY = "result_reply"
+    RESULT_ACK = "result_ack"  # client -> controller: it has these results; no reply
     HISTORY_REQUEST = "history_request"
     HISTORY_REPLY = "history_reply"
     CANCEL_REQUEST = "cancel_request"
@@ -472,6 +473,7 @@ _CONTENT_FIELDS: dict[str, _Fields] = {
     MsgType.MEMORY_EXCEEDED: _Fields({"rss_bytes": _is_int}, ("rss_bytes",)),
     MsgType.ACTOR_STATE: _Fields({"actor_id": _is_str, "state": _is_json}, ("actor_id",)),
     MsgType.RESULT_REQUEST: _Fields({"task_ids": _TASK_IDS}, ("task_ids",)),
+    MsgType.RESULT_ACK: _Fields({"task_ids": _TASK_IDS}, ("task_ids",)),
     MsgType.CANCEL_REQUEST: _Fields({"task_ids": _TASK_IDS}, ("task_ids",)),
     MsgType.STEAL_REQUEST: _Fields({"task_ids": _TASK_IDS}, ("task_ids",)),
     MsgType.STEAL_REPLY: _Fields(

@@ -17,7 +17,12 @@ other data. A segment sent to several engines at once (a broadcast) is
 replied. A gather of large arrays goes the other way: the client makes
 one segment (``allocate_shared``) and each engine writes its part into it
 at its offset (``write_into``), so the parts are copied once, in parallel.
-The controller removes what is left of a cluster's segments when it stops.
+Names being written or held carry their process's id, so the controller
+removes those of a process that is gone (a client killed while it sent a
+gigabyte, or holding values) while the cluster runs (``remove_dead_owners``).
+The controller removes what is left of a cluster's segments when it stops;
+a controller that was killed cannot, so the processes that outlive it (its
+engines as they exit, a client that finds it gone) call ``remove_orphaned``.
 
 Mapping a segment with its pages and unmapping it again cost about as much
 as copying it (3 + 3 ms against 8 ms for 100 MB here), and a segment goes
@@ -27,9 +32,11 @@ when its file is gone or it has too many.
 
 Layout of names, all under ``SHM_DIR``::
 
+    jd-<cluster>-<uuid>.writing-<pid>   being written by process ``pid``
     jd-<cluster>-<uuid>                 in flight, named in a message
-    jd-<cluster>-<uuid>.held            mapped by its receiver
+    jd-<cluster>-<uuid>.held-<pid>      mapped by its receiver, process ``pid``
     jd-<cluster>-free-<size>-<uuid>     in the pool, ``size`` bytes long
+    jd-<cluster>-started-<pid>          not a segment: an engine's start record (start_record.py)
 """
 
 from __future__ import annotations
@@ -51,6 +58,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from jupyter_dist import connection_file
+from jupyter_dist.connection_file import ClusterInfo
 from jupyter_dist.errors import SerializationError
 
 logger = logging.getLogger(__name__)
@@ -67,6 +76,7 @@ MAX_KEPT_MAPPINGS = 16
 
 _CLUSTER_ID = re.compile(r"[0-9a-zA-Z]{1,32}")
 _NAME = re.compile(r"jd-[0-9a-zA-Z]{1,32}-[0-9a-f]{32}")
+_OWNED = re.compile(r"[0-9a-f]{32}\.(?:held|writing)-([0-9]+)")  # after the cluster's prefix
 
 
 def host_name() -> str:
@@ -81,6 +91,23 @@ def pool_for(cluster_id: str) -> SegmentPool | None:
     if not _CLUSTER_ID.fullmatch(cluster_id):
         return None  # a name we would not put in a path: such a cluster uses frames only
     return SegmentPool(cluster_id)
+
+
+def remove_orphaned(info: ClusterInfo) -> bool:
+    """Remove the cluster's segments on this host if its controller is gone; return whether it did.
+
+    A stopping controller removes them itself; a killed one leaves them, and
+    with them memory that nothing frees until the machine restarts. Mappings
+    stay valid: values over them live on, only the files go. Safe to call
+    from each process that outlives the controller, in any order. Nothing is
+    removed while the controller runs, or where it runs on another host.
+    """
+    pool = pool_for(info.cluster_id)
+    if pool is None or connection_file.is_alive(info):
+        return False
+    pool.remove_all()
+    logger.info("removed the shared memory of cluster %s: its controller is gone", info.cluster_id)
+    return True
 
 
 def _prefix(cluster_id: str) -> str:
@@ -253,9 +280,16 @@ class SegmentPool:
         nbytes = src.nbytes
         name = f"{self._prefix}{uuid.uuid4().hex}"
         path = self._path(name)
-        self._claim(path, nbytes)
-        with _as_bytes(_mapped_files.view(path, nbytes)) as dst:
-            _copy(dst, src)
+        writing = f"{path}.writing-{os.getpid()}"  # removed by the controller if this process dies
+        self._claim(writing, nbytes)
+        try:
+            with _as_bytes(_mapped_files.view(writing, nbytes)) as dst:
+                _copy(dst, src)
+            os.rename(writing, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(writing)
+            raise
         return [name, nbytes, shared]
 
     def allocate(self, nbytes: int) -> memoryview:
@@ -317,7 +351,7 @@ class SegmentPool:
     def unlink(self, descriptors: Sequence[Sequence[Any]]) -> None:
         """Remove shared segments once every receiver has mapped them (mappings stay valid)."""
         for name, _, _ in descriptors:
-            if _NAME.fullmatch(name):
+            if isinstance(name, str) and name.startswith(self._prefix) and _NAME.fullmatch(name):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self._path(name))
 
@@ -345,7 +379,7 @@ class SegmentPool:
 
     def _hold(self, path: str, name: str, nbytes: int) -> memoryview:
         """Rename the segment as taken and map it; it goes into the pool once nothing uses the view."""
-        held = f"{path}.held"
+        held = f"{path}.held-{os.getpid()}"
         os.rename(path, held)
         try:
             view = _mapped_files.view(held, nbytes, functools.partial(self._release, held, name))
@@ -374,12 +408,50 @@ class SegmentPool:
                 total += _free_size(entry, self._free_prefix) or 0
         return total
 
+    def remove_dead_owners(self) -> None:
+        """Remove segments being written or held by processes that are gone (the controller, each second).
+
+        Nothing else can use them: a segment being written was never named
+        in a message, and a held one was mapped by its holder alone.
+        """
+        for entry in os.listdir(self.directory):
+            owned = (
+                _OWNED.fullmatch(entry[len(self._prefix) :])
+                if entry.startswith(self._prefix)
+                else None
+            )
+            if owned is not None and not _is_running(int(owned[1])):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._path(entry))
+                logger.info("removed shared memory %s: its process is gone", entry)
+
     def remove_all(self) -> None:
         """Remove every segment of this cluster on this host (the controller, when it stops)."""
         for entry in os.listdir(self.directory):
             if entry.startswith(self._prefix):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self._path(entry))
+
+
+def _is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's: not ours to judge
+    return True
+
+
+def segment_names(descriptors: Any) -> tuple[str, ...]:
+    """The names in a message's ``shm`` descriptors (``[index, name, nbytes, shared]``), malformed ones left out."""
+    if not isinstance(descriptors, list):
+        return ()
+    return tuple(
+        d[1]
+        for d in descriptors
+        if isinstance(d, list) and len(d) == 4 and isinstance(d[1], str) and _NAME.fullmatch(d[1])
+    )
 
 
 def _free_size(entry: str, free_prefix: str) -> int | None:

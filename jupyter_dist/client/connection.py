@@ -25,6 +25,7 @@ import zmq
 
 from jupyter_dist import shm
 from jupyter_dist.actor_handle import register_caller, unregister_caller
+from jupyter_dist.client.acks import ResultAcks
 from jupyter_dist.client.output import OutputGroup, OutputRouter
 from jupyter_dist.connection_file import ClusterInfo, is_alive
 from jupyter_dist.errors import (
@@ -65,6 +66,9 @@ class Connection:
         self.session = Session(bytes.fromhex(info.key))
         self._loop = IOLoop()
         self._outbox = Outbox(self.session)
+        self._acks = ResultAcks()
+        # Before the outbox's flush, so that the acks of a turn leave in that turn.
+        self._loop.at_turn_end(lambda: self._acks.flush(self.session, self._send))
         self._loop.at_turn_end(self._outbox.flush)
         self.output = OutputRouter(self._loop.call_later)
         self._ctx: zmq.Context[Any] = zmq.Context()
@@ -122,6 +126,7 @@ class Connection:
         """Send a task request; the future resolves with its result, its output goes to ``output``."""
         task_id = content["task_id"]
         content["client_host"] = self.host  # engines on this host reply through shared memory
+        content["acks"] = True  # the controller keeps the result until this client confirms it
         future = Future(task_id, content.get("target"), on_cancel=lambda: self.cancel([task_id]))
         group = output or self.output.new_group(None)
 
@@ -293,6 +298,8 @@ class Connection:
             self._gone = ControllerGoneError(self.info.cluster_id, reason)
             logger.error("%s", self._gone)
             self._fail_pending(self._gone)
+            shm.remove_orphaned(self.info)  # a killed controller removed none of its segments
+            shm.drop_unused_mappings()
             self._loop.stop()
             return
         self._send(self.session.envelope(MsgType.HEARTBEAT_REQUEST, {}))
@@ -350,6 +357,7 @@ class Connection:
         task_id = content.get("task_id", "")
         if status == "pending":
             return
+        self._acks.add(task_id)  # taken in: the controller may drop it
         future = self._tasks.pop(task_id, None)
         if future is None or future.done():
             return

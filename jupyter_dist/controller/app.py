@@ -27,8 +27,9 @@ from typing import Any, ClassVar
 
 import zmq
 
-from jupyter_dist import connection_file, shm
+from jupyter_dist import connection_file, shm, start_record
 from jupyter_dist.connection_file import ClusterInfo
+from jupyter_dist.controller import memory
 from jupyter_dist.controller.actors import ActorRecord, ActorRegistry, place
 from jupyter_dist.controller.registry import EngineRecord, EngineRegistry
 from jupyter_dist.controller.scheduler import BalancedQueue
@@ -104,7 +105,8 @@ class Controller:
         self.loop.at_turn_end(self.outbox.flush)
         self.registry = EngineRegistry()
         self.actors = ActorRegistry()
-        self.tasks = TaskStore()
+        self.shm_pool = shm.pool_for(self.cluster_id)
+        self.tasks = TaskStore(on_unused_segments=self._remove_segments)
         self.balanced = BalancedQueue()
         self.stealing: set[str] = set()  # task ids asked back from engines to move them
         self.cancelling: set[str] = set()  # task ids asked back from engines to cancel them
@@ -120,6 +122,7 @@ class Controller:
         self.state_seq = 0  # numbers each published state, so monitors can order them
         self.published_state: dict[str, Any] = {}
         self.connection_path = ""
+        self.finished_at_release = 0  # tasks finished when memory was last given back
 
     # ---- life cycle ---------------------------------------------------
 
@@ -196,10 +199,15 @@ class Controller:
             self.loop.remove_reader(template.fileno())
             self.watched_templates.discard(template.fileno())
 
+    def _remove_segments(self, names: list[str]) -> None:
+        """Segments of finished tasks: taken by their receivers, or never to be (a broadcast's
+        sender killed before it removed it, a task cancelled or failed before it ran)."""
+        if self.shm_pool is not None:
+            self.shm_pool.unlink([(name, 0, True) for name in names])
+
     def _close(self) -> None:
-        pool = shm.pool_for(self.cluster_id)
-        if pool is not None:
-            pool.remove_all()  # segments nobody received, or that receivers still held
+        if self.shm_pool is not None:
+            self.shm_pool.remove_all()  # segments nobody received, or that receivers still held
         # Last: a client that sees the file gone may give back its mappings of the segments.
         if self.connection_path:
             os.unlink(self.connection_path) if os.path.exists(self.connection_path) else None
@@ -341,6 +349,8 @@ class Controller:
             request=msg,
             allowed=tuple(content["allowed"]) if content.get("allowed") else None,
             is_from_engine=from_engine,
+            is_ack_expected=content.get("acks") is True,
+            segments=shm.segment_names(content.get("shm")),
         )
         retries = content.get("retries")
         if target is None and isinstance(retries, int) and retries > 0:
@@ -376,6 +386,14 @@ class Controller:
                 self._reply(ident, MsgType.RESULT_REPLY, content, msg, to_engine=from_engine)
             else:
                 self._deliver(record, ident, msg, to_engine=from_engine)
+
+    def _on_result_ack(self, ident: bytes, msg: Message) -> None:
+        """The client has these results: they may leave the store in their turn."""
+        task_ids = msg.content.get("task_ids")
+        for task_id in task_ids if isinstance(task_ids, list) else []:
+            record = self.tasks.get(task_id) if isinstance(task_id, str) else None
+            if record is not None and record.is_finished:
+                self.tasks.mark_collected(record)
 
     def _on_history(self, ident: bytes, msg: Message) -> None:
         limit = int(msg.content.get("limit", 100))
@@ -449,6 +467,7 @@ class Controller:
         MsgType.STATUS_REQUEST: _on_status,
         MsgType.TASK_REQUEST: _on_task,
         MsgType.RESULT_REQUEST: _on_result,
+        MsgType.RESULT_ACK: _on_result_ack,
         MsgType.HISTORY_REQUEST: _on_history,
         MsgType.CANCEL_REQUEST: _on_cancel,
         MsgType.INTERRUPT_REQUEST: _on_interrupt,
@@ -794,6 +813,12 @@ class Controller:
     def _check_engines(self) -> None:
         now = time.monotonic()
         self._check_exits()
+        if self.shm_pool is not None:
+            self.shm_pool.remove_dead_owners()  # a killed client's
+        finished = self.tasks.count_done + self.tasks.count_failed
+        if finished != self.finished_at_release and not self.tasks.pending_count():
+            self.finished_at_release = finished  # the work drained: give back what it took
+            memory.release_free_memory()
         # A controller that was itself stopped (SIGSTOP, a suspended laptop) heard nobody
         # meanwhile: that silence is its own, not the engines'.
         paused_s = now - self.last_check - CHECK_INTERVAL_S
@@ -854,6 +879,10 @@ class Controller:
         self._state_changed()
         in_flight = list(engine.in_flight)
         engine.in_flight.clear()
+        last_started = None
+        if exit_code is not None and engine.host == socket.gethostname():
+            last_started = start_record.take_last_started(self.cluster_id, engine.pid)
+        n_started = start_record.count_started(in_flight, last_started)
         requeue: list[TaskRecord] = []
         # A task that took its engine over the memory limit would take the next one too.
         may_retry = "memory_limit_bytes" not in engine.death_details
@@ -861,10 +890,14 @@ class Controller:
             record = self.tasks.get(task_id)
             if record is None:
                 continue
-            if position == 0:
+            has_started = position < n_started
+            if has_started:
                 record.died_on.append(engine.engine_id)
-            if record.target is None and (position > 0 or (may_retry and record.retries_left > 0)):
-                if position == 0:
+            # Never started: move it. Started: it runs again only if it may be retried.
+            if record.target is None and (
+                not has_started or (may_retry and record.retries_left > 0)
+            ):
+                if has_started:
                     record.retries_left -= 1
                     logger.info("task %s runs again: its engine died", task_id)
                 requeue.append(record)
@@ -877,7 +910,7 @@ class Controller:
                 pid=engine.pid,
                 host=engine.host,
                 exit_code=exit_code,
-                was_running=position == 0,
+                was_running=position == n_started - 1,
                 died_on=record.died_on,
                 **engine.death_details,
             )

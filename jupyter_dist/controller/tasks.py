@@ -1,22 +1,30 @@
 """Keep every task's record and result until a client has it, and a bounded history after.
 
 A result that could not be delivered (its client was gone) is kept until
-some client fetches it with ``get_result``. Delivered results stay for
-``history()`` and late ``get_result`` calls until the history is full; then
-the oldest delivered ones are dropped first.
+some client fetches it with ``get_result``. So is one sent to a client that
+confirms what it takes in (``result_ack``) until it confirms: a client killed
+with results in its socket's queue never had them. Collected results stay
+for ``history()`` and late ``get_result`` calls until the history is full;
+then the ones collected longest ago are dropped first. Collected results
+wait in a queue of their own, so dropping one never walks past the kept
+ones (a killed client's 100,000 results made every finish scan them all).
 """
 
 from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
 from jupyter_dist.protocol import Message
 
-MAX_FINISHED = 100_000
+# Finished tasks kept for history() and late get_result calls (beyond it, collected ones go;
+# uncollected ones stay whatever their number). Each holds its reply, 5 kB for a no-op's:
+# 100,000 kept the controller at 500 MB, and it never came down after a burst of work.
+MAX_FINISHED = 10_000
 MAX_DELIVERED_RESULT_NBYTES = 256 * 1024 * 1024
 
 
@@ -44,6 +52,7 @@ class TaskRecord:
     finished: float | None = None
     reply: Message | None = None
     is_delivered: bool = False
+    is_ack_expected: bool = False  # its asker confirms the results it takes in
     is_from_engine: bool = False  # asked by an engine (an actor handle or a future it was given)
     actor_id: str | None = None
     waiters: list[tuple[bool, bytes]] = field(
@@ -52,6 +61,7 @@ class TaskRecord:
     times_sent: int = 0
     retries_left: int = 0  # runs again elsewhere this many times if its engine dies under it
     died_on: list[int] = field(default_factory=list)  # engines that died while running it
+    segments: tuple[str, ...] = ()  # shared-memory segments its request names
 
     @property
     def is_finished(self) -> bool:
@@ -77,15 +87,29 @@ def _reply_nbytes(record: TaskRecord) -> int:
 class TaskStore:
     """Task records by id, with finished ones kept in finishing order."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        max_finished: int = MAX_FINISHED,
+        max_delivered_nbytes: int = MAX_DELIVERED_RESULT_NBYTES,
+        on_unused_segments: Callable[[list[str]], None] = lambda names: None,
+    ) -> None:
+        # Called with the segments no unfinished task names any more: whoever received them
+        # has them (renamed, or mapped for a broadcast); the others nobody will ever take.
+        self.on_unused_segments = on_unused_segments
+        self._segment_users: dict[str, int] = {}  # segment -> unfinished tasks naming it
+        self.max_finished = max_finished
+        self.max_delivered_nbytes = max_delivered_nbytes
         self._tasks: dict[str, TaskRecord] = {}
-        self._finished: OrderedDict[str, None] = OrderedDict()
+        self._finished: OrderedDict[str, None] = OrderedDict()  # in finishing order
+        self._delivered: OrderedDict[str, None] = OrderedDict()  # collected, in that order
         self._delivered_nbytes = 0
         self.count_done = 0
         self.count_failed = 0
 
     def add(self, record: TaskRecord) -> None:
         self._tasks[record.task_id] = record
+        for name in record.segments:
+            self._segment_users[name] = self._segment_users.get(name, 0) + 1
 
     def get(self, task_id: str) -> TaskRecord | None:
         return self._tasks.get(task_id)
@@ -95,16 +119,33 @@ class TaskStore:
         record.finished = time.time()
         record.reply = reply
         record.request = None
+        if record.segments:
+            self._release_segments(record.segments)
         if state == TaskState.DONE:
             self.count_done += 1
         elif state == TaskState.FAILED:
             self.count_failed += 1
         self._finished[record.task_id] = None
+        if reply is None:  # cancelled: nothing waits to be delivered, so it may go in its turn
+            record.is_delivered = True
+            self._collect(record)
         self._evict()
 
     def mark_delivered(self, record: TaskRecord) -> None:
-        if not record.is_delivered:
+        """Its reply was sent: it may go in its turn, once confirmed where the asker confirms."""
+        record.is_delivered = True
+        if not record.is_ack_expected:
+            self._collect(record)
+
+    def mark_collected(self, record: TaskRecord) -> None:
+        """A client confirmed it has the result: it may go in its turn."""
+        if self._tasks.get(record.task_id) is record:
             record.is_delivered = True
+            self._collect(record)
+
+    def _collect(self, record: TaskRecord) -> None:
+        if record.task_id in self._finished and record.task_id not in self._delivered:
+            self._delivered[record.task_id] = None
             self._delivered_nbytes += _reply_nbytes(record)
             self._evict()
 
@@ -115,7 +156,20 @@ class TaskStore:
         """
         if record.is_delivered and self._tasks.get(record.task_id) is record:
             record.is_delivered = False
-            self._delivered_nbytes -= _reply_nbytes(record)
+            if record.task_id in self._delivered:
+                del self._delivered[record.task_id]
+                self._delivered_nbytes -= _reply_nbytes(record)
+
+    def _release_segments(self, names: tuple[str, ...]) -> None:
+        unused = []
+        for name in names:
+            users = self._segment_users.pop(name, 1) - 1
+            if users > 0:
+                self._segment_users[name] = users
+            else:
+                unused.append(name)
+        if unused:
+            self.on_unused_segments(unused)
 
     def pending_count(self) -> int:
         return len(self._tasks) - len(self._finished)
@@ -128,20 +182,12 @@ class TaskStore:
         return (unfinished + finished)[:limit]
 
     def _evict(self) -> None:
-        if (
-            len(self._finished) <= MAX_FINISHED
-            and self._delivered_nbytes <= MAX_DELIVERED_RESULT_NBYTES
+        """Drop the results delivered longest ago while over a limit; undelivered ones stay."""
+        while self._delivered and (
+            len(self._finished) > self.max_finished
+            or self._delivered_nbytes > self.max_delivered_nbytes
         ):
-            return
-        for task_id in list(self._finished):
-            if (
-                len(self._finished) <= MAX_FINISHED
-                and self._delivered_nbytes <= MAX_DELIVERED_RESULT_NBYTES
-            ):
-                return
-            record = self._tasks[task_id]
-            if not record.is_delivered:
-                continue
-            self._delivered_nbytes -= _reply_nbytes(record)
+            task_id, _ = self._delivered.popitem(last=False)
+            record = self._tasks.pop(task_id)
             del self._finished[task_id]
-            del self._tasks[task_id]
+            self._delivered_nbytes -= _reply_nbytes(record)

@@ -36,6 +36,7 @@ from jupyter_dist.ioloop import IOLoop
 from jupyter_dist.outbox import Outbox
 from jupyter_dist.protocol import Message, MsgType, Session, unpack_or_drop
 from jupyter_dist.security import secure_client
+from jupyter_dist.start_record import StartRecord
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +109,8 @@ class Engine:
         self.current_task_id = ""
         self.streams: list[OutStream] = []
         self.is_running_user_code = False
+        # What the controller reads if this process is killed: the tasks it had started.
+        self.start_record = StartRecord.create(info.cluster_id, os.getpid())
         self.parent_pid = os.getppid()
         self.last_controller_contact = time.monotonic()
         self.metrics = MetricsSampler()
@@ -141,10 +144,10 @@ class Engine:
         sock.close(linger=1000)
         self.loop.close()
         if self.is_running_user_code:
-            # Told to stop mid-task, and user code keeps the main thread: end the process
-            # here, once what was sent has left (the socket lingers up to 1 s).
+            # Told to stop mid-task, and user code keeps the main thread (maybe for hours):
+            # end the process here, once what was sent has left (the socket lingers up to 1 s).
             self.ctx.term()
-            os._exit(0)
+            self._exit_now()
 
     def _send(
         self,
@@ -309,6 +312,11 @@ class Engine:
         self.tasks.put(None)
         self.loop.stop()
 
+    def _exit_now(self) -> None:
+        """End the process at once, leaving no shared memory behind if the controller was killed."""
+        shm.remove_orphaned(self.info)
+        os._exit(0)
+
     def _send_display(self, msg_type: str, data: dict[str, Any], metadata: dict[str, Any]) -> None:
         """Send a rich output of the running task (main thread), after the text printed before it."""
         for stream in self.streams:
@@ -360,6 +368,11 @@ class Engine:
         while (msg := self.tasks.get()) is not None:
             self._run_task(executor, msg)
         io_thread.join(5)
+        if self.start_record is not None:
+            self.start_record.remove()
+        # Last, after this engine's last send: a killed controller removes nothing, so each
+        # engine removes the cluster's segments as it exits, and the last one out gets them all.
+        shm.remove_orphaned(self.info)
 
     def _start_actors(self, executor: Executor) -> None:
         self.actors = ActorHost(executor, self._send_reply)
@@ -374,6 +387,8 @@ class Engine:
         current_task_id.set(task_id)
         started = time.time()
         signed = msg.signed_buffers
+        if self.start_record is not None:
+            self.start_record.mark(task_id)
         self.is_running_user_code = True
         try:
             raw_in = shm.import_buffers(self.shm_pool, msg.raw_buffers, content.get("shm", []))

@@ -184,13 +184,6 @@ def test_killed_engine_fails_its_task_within_seconds_and_others_go_on(
         c[1].run("1")
 
 
-@pytest.mark.timeout(600)  # about 10-30 s alone; minutes on a loaded 2-core machine
-def test_hundred_thousand_tasks_from_one_client_all_complete(cluster: jd.Cluster) -> None:
-    n = 100_000
-    futures = cluster.map(abs, range(-n, 0), block=False)
-    assert sum(f.result(timeout=300) for f in futures) == n * (n + 1) // 2
-
-
 def test_stop_leaves_no_process_and_removes_the_connection_file(fresh_cluster: jd.Cluster) -> None:
     c = fresh_cluster
     pids = [connection_file.read(c.connection_file).controller_pid] + [e.pid for e in c.status()]

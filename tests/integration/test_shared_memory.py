@@ -15,7 +15,9 @@ NBYTES = 2 * shm.SHM_MIN_NBYTES
 
 
 def _segments(cluster: jd.Cluster) -> list[str]:
-    return [e for e in os.listdir(shm.SHM_DIR) if e.startswith(f"jd-{cluster.id}-")]
+    """The cluster's segments (each engine's start record aside)."""
+    prefix = f"jd-{cluster.id}-"
+    return [e for e in os.listdir(shm.SHM_DIR) if e.startswith(prefix) and "-started-" not in e]
 
 
 def test_push_pull_scatter_gather_of_large_arrays_round_trip(cluster: jd.Cluster) -> None:

@@ -48,7 +48,7 @@ def test_a_released_segment_returns_to_the_pool_and_is_reused(pool: shm.SegmentP
     arr = np.ones(shm.SHM_MIN_NBYTES, dtype=np.uint8)
     pickled, frames, descriptors = _send(pool, arr)
     value = serialize.deserialize(pickled, shm.import_buffers(pool, frames, descriptors), "v")
-    assert [e.endswith(".held") for e in os.listdir(pool.directory)] == [True]
+    assert [".held-" in e for e in os.listdir(pool.directory)] == [True]
     del value
     gc.collect()
     (free,) = os.listdir(pool.directory)
@@ -186,7 +186,7 @@ def test_a_gather_joins_large_parts_in_a_pooled_segment(pool: shm.SegmentPool) -
     parts = [np.arange(300_000, dtype=np.float64).reshape(-1, 3) + k for k in range(3)]
     joined = sequences.join(parts, "x", pool.allocate)
     np.testing.assert_array_equal(joined, np.concatenate(parts))
-    assert [e.endswith(".held") for e in os.listdir(pool.directory)] == [True]
+    assert [".held-" in e for e in os.listdir(pool.directory)] == [True]
     del joined
     gc.collect()
     assert os.listdir(pool.directory)[0].startswith("jd-c0ffee-free-")
@@ -240,3 +240,24 @@ def test_a_part_that_changed_since_its_layout_was_sent_is_refused(pool: shm.Segm
         shm.write_into(pool, descriptor, 0, layout, part.astype(np.float32))
     with pytest.raises(ValueError, match="does not fit"):
         shm.write_into(pool, descriptor, 8, layout, part)
+
+
+def _pid_never_given() -> int:
+    """A pid no process has: pids stay below the kernel's pid_max."""
+    return int(Path("/proc/sys/kernel/pid_max").read_text())
+
+
+def test_segments_of_a_process_that_is_gone_are_removed(pool: shm.SegmentPool) -> None:
+    arr = np.ones(shm.SHM_MIN_NBYTES, dtype=np.uint8)
+    pickled, frames, descriptors = _send(pool, arr)
+    value = serialize.deserialize(pickled, shm.import_buffers(pool, frames, descriptors), "v")
+    dead = _pid_never_given()
+    for kind in ("held", "writing"):
+        Path(pool.directory, f"jd-c0ffee-{'0' * 31}{len(kind) % 10}.{kind}-{dead}").touch()
+    _send(pool, arr)  # in flight: no owner named
+    pool.remove_dead_owners()
+    names = os.listdir(pool.directory)
+    assert str(dead) not in " ".join(names)
+    assert sum(f".held-{os.getpid()}" in e for e in names) == 1  # ours stays
+    assert len(names) == 2
+    del value
