@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import psutil
 import pytest
 
 import jupyter_dist as jd
-from jupyter_dist import connection_file
+from jupyter_dist import connection_file, shm
 
 pytest_plugins = ["pytest_jupyter.jupyter_server"]  # jp_fetch, jp_ws_fetch: a real Jupyter server
 
@@ -34,6 +35,7 @@ def runtime_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     path = tmp_path_factory.mktemp("runtime")
     old = os.environ.get("JUPYTER_RUNTIME_DIR")
     os.environ["JUPYTER_RUNTIME_DIR"] = str(path)
+    shm_before = _shared_memory_files()
     yield path
     leaked = _end_running_clusters()
     if old is None:
@@ -42,6 +44,24 @@ def runtime_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         os.environ["JUPYTER_RUNTIME_DIR"] = old
     if leaked:
         pytest.fail(f"clusters outlived the tests that started them, now killed: {leaked}")
+    left = _shared_memory_left(shm_before)
+    if left:
+        pytest.fail(f"the tests left shared memory behind (now removed): {left}")
+
+
+def _shared_memory_files() -> set[str]:
+    return {name for name in os.listdir(shm.SHM_DIR) if name.startswith("jd-")}
+
+
+def _shared_memory_left(before: set[str], timeout_s: float = 10.0) -> list[str]:
+    """Files of this session's clusters still in /dev/shm once the last process had time to exit."""
+    deadline = time.monotonic() + timeout_s
+    while (left := sorted(_shared_memory_files() - before)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for name in left:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(shm.SHM_DIR, name))
+    return left
 
 
 def _end_running_clusters() -> list[str]:

@@ -110,7 +110,8 @@ class Engine:
         self.streams: list[OutStream] = []
         self.is_running_user_code = False
         # What the controller reads if this process is killed: the tasks it had started.
-        self.start_record = StartRecord.create(info.cluster_id, os.getpid())
+        # Made once registered (in run), so an engine that never runs leaves no file.
+        self.start_record: StartRecord | None = None
         self.parent_pid = os.getppid()
         self.last_controller_contact = time.monotonic()
         self.metrics = MetricsSampler()
@@ -361,6 +362,7 @@ class Engine:
             for name in ("stdout", "stderr")
         ]
         sys.stdout, sys.stderr = self.streams
+        self.start_record = StartRecord.create(self.info.cluster_id, os.getpid())
         executor = Executor(
             self.engine_id, self._send_display, self.caller.fetch_result, self.shm_pool
         )

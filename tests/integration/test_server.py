@@ -8,6 +8,7 @@ controllers are children of this process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -21,6 +22,7 @@ import pytest
 import tornado.httpclient
 import tornado.websocket
 
+import jupyter_dist as jd
 from jupyter_dist import connection_file
 
 Fetch = Callable[..., Any]
@@ -34,9 +36,14 @@ def jp_server_config() -> dict[str, Any]:
 
 @pytest.fixture
 def cleanup_clusters(jp_runtime_dir: Path) -> Iterator[None]:
-    """Kill whatever a test left running in the server's runtime dir."""
+    """Stop whatever a test left running in the server's runtime dir; kill what does not stop.
+
+    Stopped, a controller removes its shared memory too; killed, it could not.
+    """
     yield
-    for _, info in connection_file.list_running():
+    for path, info in connection_file.list_running():
+        with contextlib.suppress(jd.JupyterDistError):
+            jd.Cluster.connect(str(path)).stop()
         try:
             proc = psutil.Process(info.controller_pid)
             for p in [*proc.children(recursive=True), proc]:

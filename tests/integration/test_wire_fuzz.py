@@ -30,7 +30,7 @@ import zmq
 import zmq.asyncio
 
 import jupyter_dist as jd
-from jupyter_dist import connection_file
+from jupyter_dist import connection_file, start_record
 from jupyter_dist.connection_file import ClusterInfo
 from jupyter_dist.private_file import write_atomically
 from jupyter_dist.protocol import Buffer, MsgType, Session, new_id
@@ -260,6 +260,7 @@ def engine_under_test(
         if process.poll() is None:
             process.kill()
         process.wait(10)
+        start_record.take_last_started(info.cluster_id, process.pid)  # as a controller does
         log.close()
         path.unlink(missing_ok=True)
         if process.returncode not in (0, -9):
