@@ -4,9 +4,9 @@ The notebook's main thread may be blocked in a cell, so replies and output
 are received here and handed over through ``concurrent.futures`` futures.
 Other threads never touch the socket: they hand their sends to the loop.
 
-A controller that dies must not leave a cell waiting forever: the I/O
-thread beats every second and checks that the controller lives: by its
-pid on this host, or by its answers to the beats from another host. When it is gone, every
+A controller that dies must not leave a cell waiting forever: every
+second the I/O thread checks that the controller lives, by its pid on
+this host, or on another host by its answers to a beat it sends. When it is gone, every
 pending future and every later call fails with ``ControllerGoneError``.
 """
 
@@ -282,8 +282,8 @@ class Connection:
         self._requests.clear()
 
     def _heartbeat(self) -> None:
-        """Tell the controller this client is attached; end everything if it is gone."""
-        if self._is_controller_local:
+        """End everything if the controller is gone; to one on another host, send a beat to answer."""
+        if self._is_controller_local:  # no message: an idle cluster's controller sleeps on
             reason = (
                 None if is_alive(self.info) else f"its process {self.info.controller_pid} ended"
             )
@@ -302,7 +302,8 @@ class Connection:
             shm.drop_unused_mappings()
             self._loop.stop()
             return
-        self._send(self.session.envelope(MsgType.HEARTBEAT_REQUEST, {}))
+        if not self._is_controller_local:
+            self._send(self.session.envelope(MsgType.HEARTBEAT_REQUEST, {}))
         self._loop.call_later(HEARTBEAT_INTERVAL_S, self._heartbeat)
 
     def _send(self, envelope: Envelope) -> None:

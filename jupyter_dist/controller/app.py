@@ -307,7 +307,7 @@ class Controller:
         self._reply(ident, MsgType.CONNECT_REPLY, self._status(), msg)
 
     def _on_client_heartbeat(self, ident: bytes, msg: Message) -> None:
-        """A client beats every second while attached: the answer tells it this controller lives."""
+        """A client on another host beats every second: the answer tells it this controller lives."""
         self._reply(ident, MsgType.HEARTBEAT_REPLY, {}, msg)
 
     def _on_status(self, ident: bytes, msg: Message) -> None:
