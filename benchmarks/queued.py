@@ -32,7 +32,8 @@ def memory_mb(pid: int) -> dict[str, float]:
     return {"rss": fields["VmRSS"], "peak": fields["VmHWM"]}
 
 
-def _wait(predicate: Any, timeout_s: float, what: str) -> None:
+def wait_for(predicate: Any, what: str, timeout_s: float) -> None:
+    """Wait until ``predicate()`` holds, or raise TimeoutError naming ``what``."""
     deadline = time.monotonic() + timeout_s
     while not predicate():
         if time.monotonic() > deadline:
@@ -60,7 +61,7 @@ def measure(c: jd.Cluster, n_tasks: int) -> dict[str, Any]:
         futures = c.map(abs, range(-n_tasks, 0), block=False)
         submitted_s = time.perf_counter() - started
         # Each engine takes a pipeline's worth ahead; the rest waits in the controller.
-        _wait(lambda: _queued(c) >= n_tasks - 64 * n_engines, WAIT_S, "all tasks queued")
+        wait_for(lambda: _queued(c) >= n_tasks - 64 * n_engines, "all tasks queued", WAIT_S)
         queued_s = time.perf_counter() - started
         queued = _queued(c)
         while_queued = memory_mb(pid)

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import jupyter_dist as jd
-from benchmarks.queued import memory_mb
+from benchmarks.queued import memory_mb, wait_for
 from jupyter_dist import connection_file
 from jupyter_dist.controller.tasks import MAX_FINISHED
 
@@ -165,14 +165,6 @@ class PeakSampler:
         self._stop.set()
         self._thread.join()
         return self.peak_mb
-
-
-def _wait(predicate: Any, what: str, timeout_s: float = WAIT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not reached after {timeout_s} s")
-        time.sleep(0.05)
 
 
 def _done_count(c: jd.Cluster) -> int:
@@ -316,7 +308,7 @@ def drive(args: argparse.Namespace) -> dict[str, Any]:
         pid = connection_file.read(c.connection_file).controller_pid
         cold_mb = memory_mb(pid)["rss"]
         problems = warm_up(c, args, out / "warm-up")
-        _wait(lambda: _is_drained(c), "the warm-up's work drained", 60)
+        wait_for(lambda: _is_drained(c), "the warm-up's work drained", 60)
         start_mb = settled_rss_mb(pid)
         sampler = PeakSampler(pid)
         before = _done_count(c)
@@ -327,14 +319,20 @@ def drive(args: argparse.Namespace) -> dict[str, Any]:
         began = time.perf_counter()
         try:
             # The client dies once the controller has all it sent, most of it not run yet.
-            _wait(lambda: (out / "faults" / f"{doomed_tag}.submitted").exists(), "all submitted")
+            wait_for(
+                lambda: (out / "faults" / f"{doomed_tag}.submitted").exists(),
+                "all submitted",
+                WAIT_S,
+            )
             clients[doomed_tag].send_signal(signal.SIGKILL)
             clients[doomed_tag].wait()
             gate.touch()
-            _wait(lambda: _done_count(c) - before >= total // 4, "a quarter of the work done")
+            wait_for(
+                lambda: _done_count(c) - before >= total // 4, "a quarter of the work done", WAIT_S
+            )
             engine = next(e for e in c.status() if e.engine_id == victim)
             os.kill(engine.pid, signal.SIGKILL)
-            _wait(lambda: victim not in c.live_engine_ids(), f"engine {victim} seen dead", 30)
+            wait_for(lambda: victim not in c.live_engine_ids(), f"engine {victim} seen dead", 30)
             c.restart([victim])
             for tag in surviving:
                 clients[tag].wait(WAIT_S)
@@ -347,7 +345,7 @@ def drive(args: argparse.Namespace) -> dict[str, Any]:
         fetched, more = _fetch_killed_client_results(c, out / "faults", doomed_tag, victim)
         problems += more
         peak_mb = sampler.stop()
-        _wait(lambda: _is_drained(c), "every task finished", 60)
+        wait_for(lambda: _is_drained(c), "every task finished", 60)
         end_mb = settled_rss_mb(pid)
         if end_mb > start_mb * (1 + MEMORY_TOLERANCE):
             problems.append(
