@@ -457,6 +457,7 @@ _CONTENT_FIELDS: dict[str, _Fields] = {
             "max_restarts": _is_int,
             "methods": _list_of(_is_str),
             "retries": _is_int,
+            "shm_receivers": lambda n: _is_int(n) and n > 0,
         },
         ("task_id", "kind"),
     ),

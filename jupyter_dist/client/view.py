@@ -126,6 +126,7 @@ class View:
         raw, descriptors = connection.export_buffers(raw, ids, shared=is_shared)
         if descriptors:
             fields["shm"] = descriptors
+            fields["shm_receivers"] = len(ids)  # the controller removes it once all have it
         group = connection.output.new_group(ids)
         children = [self._send_serialized(i, kind, pickled, raw, group, **fields) for i in ids]
         future = MultiFuture(new_id(), children, combine)

@@ -351,6 +351,7 @@ class Controller:
             is_from_engine=from_engine,
             is_ack_expected=content.get("acks") is True,
             segments=shm.segment_names(content.get("shm")),
+            segment_receivers=content.get("shm_receivers", 1),
         )
         retries = content.get("retries")
         if target is None and isinstance(retries, int) and retries > 0:

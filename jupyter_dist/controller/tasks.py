@@ -62,6 +62,7 @@ class TaskRecord:
     retries_left: int = 0  # runs again elsewhere this many times if its engine dies under it
     died_on: list[int] = field(default_factory=list)  # engines that died while running it
     segments: tuple[str, ...] = ()  # shared-memory segments its request names
+    segment_receivers: int = 1  # tasks that name the same segments (a broadcast: one per engine)
 
     @property
     def is_finished(self) -> bool:
@@ -93,8 +94,10 @@ class TaskStore:
         max_delivered_nbytes: int = MAX_DELIVERED_RESULT_NBYTES,
         on_unused_segments: Callable[[list[str]], None] = lambda names: None,
     ) -> None:
-        # Called with the segments no unfinished task names any more: whoever received them
+        # Called with the segments whose every receiving task finished: whoever received them
         # has them (renamed, or mapped for a broadcast); the others nobody will ever take.
+        # A broadcast's tasks may arrive in several turns, the first finished before the
+        # next arrives: so the count comes from the sender, not from the tasks seen so far.
         self.on_unused_segments = on_unused_segments
         self._segment_users: dict[str, int] = {}  # segment -> unfinished tasks naming it
         self.max_finished = max_finished
@@ -109,7 +112,7 @@ class TaskStore:
     def add(self, record: TaskRecord) -> None:
         self._tasks[record.task_id] = record
         for name in record.segments:
-            self._segment_users[name] = self._segment_users.get(name, 0) + 1
+            self._segment_users.setdefault(name, record.segment_receivers)
 
     def get(self, task_id: str) -> TaskRecord | None:
         return self._tasks.get(task_id)

@@ -136,7 +136,15 @@ def test_a_segment_is_released_when_the_last_task_naming_it_finishes() -> None:
     released: list[list[str]] = []
     store = TaskStore(on_unused_segments=released.append)
     records = [
-        TaskRecord(f"part-{i}", b"client", "push", i, None, segments=("jd-c0ffee-seg",))
+        TaskRecord(
+            f"part-{i}",
+            b"client",
+            "push",
+            i,
+            None,
+            segments=("jd-c0ffee-seg",),
+            segment_receivers=2,
+        )
         for i in range(2)
     ]
     for record in records:
@@ -144,4 +152,29 @@ def test_a_segment_is_released_when_the_last_task_naming_it_finishes() -> None:
     store.finish(records[0], TaskState.DONE, _reply("part-0"))
     assert released == []  # the other engine may not have mapped it yet
     store.finish(records[1], TaskState.FAILED, _reply("part-1"))
+    assert released == [["jd-c0ffee-seg"]]
+
+
+def test_a_broadcast_segment_outlives_its_first_task_when_the_next_has_not_arrived() -> None:
+    # A broadcast's task requests may reach the controller in separate turns: the first
+    # engine can finish before the second task is even known.
+    released: list[list[str]] = []
+    store = TaskStore(on_unused_segments=released.append)
+    first, second = (
+        TaskRecord(
+            f"part-{i}",
+            b"client",
+            "push",
+            i,
+            None,
+            segments=("jd-c0ffee-seg",),
+            segment_receivers=2,
+        )
+        for i in range(2)
+    )
+    store.add(first)
+    store.finish(first, TaskState.DONE, _reply("part-0"))
+    assert released == []  # engine 1 has not mapped it: it must still be there
+    store.add(second)
+    store.finish(second, TaskState.DONE, _reply("part-1"))
     assert released == [["jd-c0ffee-seg"]]
