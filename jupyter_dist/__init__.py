@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from jupyter_dist.context import EngineContext, engine_context
 from jupyter_dist.errors import (
     ActorDiedError,
     ClusterError,
@@ -25,6 +26,7 @@ from jupyter_dist.errors import (
     RemoteError,
     SerializationError,
 )
+from jupyter_dist.gpus import GpuInfo
 
 if TYPE_CHECKING:
     from jupyter_dist.actor_handle import ActorHandle
@@ -75,9 +77,11 @@ __all__ = [
     "ConnectionFileError",
     "ControllerGoneError",
     "DistTimeoutError",
+    "EngineContext",
     "EngineDiedError",
     "EngineStatus",
     "Future",
+    "GpuInfo",
     "JupyterDistError",
     "LauncherError",
     "NoEnginesError",
@@ -86,4 +90,5 @@ __all__ = [
     "TaskInfo",
     "View",
     "__version__",
+    "engine_context",
 ]

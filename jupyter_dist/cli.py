@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 from jupyter_dist import connection_file
 from jupyter_dist.errors import JupyterDistError
 from jupyter_dist.quantities import argument_type, parse_duration_s, parse_nbytes
+from jupyter_dist.torch_group import DEFAULT_TIMEOUT_S
 
 LOG_FORMAT = "%(asctime)s %(name)s [%(process)d] %(levelname)s %(message)s"
 
@@ -27,13 +28,7 @@ def _configure_logging(level: str) -> None:
 def _cmd_start(args: argparse.Namespace) -> int:
     from jupyter_dist.client.cluster import Cluster
 
-    cluster = Cluster.start(
-        n=args.n,
-        ip=args.ip,
-        timeout_s=args.timeout,
-        idle_timeout=args.idle_timeout,
-        memory_limit=args.memory_limit,
-    )
+    cluster = Cluster.start(timeout_s=args.timeout, **start_options(args))
     print(cluster.id)
     cluster.close()
     return 0
@@ -98,10 +93,13 @@ def _cmd_controller(args: argparse.Namespace) -> int:
     controller = Controller(
         cluster_id=args.cluster_id,
         ip=args.ip,
-        start_engine=lambda path, engine_id: local.start_engine(path, engine_id, args.log_level),
+        start_engine=lambda path, engine_id, environ: local.start_engine(
+            path, engine_id, environ, args.log_level
+        ),
         orphan_timeout_s=args.orphan_timeout,
         idle_timeout_s=args.idle_timeout,
         memory_limit_bytes=args.memory_limit,
+        engine_gpus=args.engine_gpus,
     )
     controller.start(args.n)
     controller.serve()
@@ -149,8 +147,34 @@ MEMORY_LIMIT_HELP = (
 )
 
 
-def add_limit_options(parser: argparse.ArgumentParser) -> None:
-    """``--idle-timeout`` and ``--memory-limit``, as ``jupyter-dist start`` and ``%dist start`` take them."""
+def add_start_options(parser: argparse.ArgumentParser) -> None:
+    """The options ``jupyter-dist start`` and ``%dist start`` share, named as in ``Cluster.start``."""
+    parser.add_argument(
+        "-n",
+        type=int,
+        default=None,
+        help="number of engines (default 4, or one per GPU with --gpus)",
+    )
+    parser.add_argument(
+        "--ip", default="127.0.0.1", help="address to listen on (default 127.0.0.1)"
+    )
+    parser.add_argument(
+        "--gpus",
+        default=None,
+        help="GPU engines: 'all', a count (2) or GPU indices (0,3); each engine gets its own",
+    )
+    parser.add_argument(
+        "--gpus-per-engine", type=int, default=None, help="GPUs each engine gets (default 1)"
+    )
+    parser.add_argument(
+        "--torch", action="store_true", help="form a torch.distributed group over the engines"
+    )
+    parser.add_argument(
+        "--torch-timeout",
+        type=argument_type(parse_duration_s),
+        default=DEFAULT_TIMEOUT_S,
+        help="a collective waiting longer than this for a rank fails, e.g. 60 or 5m (default 60 s)",
+    )
     parser.add_argument(
         "--idle-timeout",
         type=argument_type(parse_duration_s),
@@ -162,6 +186,20 @@ def add_limit_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def start_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``Cluster.start``'s keyword arguments from the options ``add_start_options`` parsed."""
+    return {
+        "n": args.n,
+        "ip": args.ip,
+        "idle_timeout": args.idle_timeout,
+        "memory_limit": args.memory_limit,
+        "gpus": args.gpus,
+        "gpus_per_engine": args.gpus_per_engine,
+        "torch": args.torch,
+        "torch_timeout": args.torch_timeout,
+    }
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jupyter-dist", description="Start and manage jupyter-dist clusters."
@@ -169,12 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     start = sub.add_parser("start", help="start a detached cluster and print its id")
-    start.add_argument("-n", type=int, default=4, help="number of local engines (default 4)")
-    start.add_argument("--ip", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     start.add_argument(
         "--timeout", type=float, default=60.0, help="seconds to wait for the engines"
     )
-    add_limit_options(start)
+    add_start_options(start)
     start.set_defaults(run=_cmd_start)
 
     stop = sub.add_parser("stop", help="stop a cluster and all its engines")
@@ -209,6 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     controller.add_argument(
         "--memory-limit", type=argument_type(parse_nbytes), default=None, help=MEMORY_LIMIT_HELP
+    )
+    controller.add_argument(
+        "--engine-gpus",
+        action="append",
+        default=None,
+        help="CUDA_VISIBLE_DEVICES of the next engine (given once per engine, in id order)",
     )
     controller.set_defaults(run=_cmd_controller)
 

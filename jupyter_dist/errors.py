@@ -98,7 +98,8 @@ class EngineDiedError(JupyterDistError):
 
     ``rss_bytes`` and ``memory_limit_bytes`` are set when the controller
     stopped the engine for passing its memory limit; ``is_restarting`` when
-    it starts a fresh engine with the same id.
+    it starts a fresh engine with the same id; ``torch_rank`` when the engine
+    was a rank of the notebook's torch group (its collectives fail with it).
     """
 
     def __init__(
@@ -112,8 +113,10 @@ class EngineDiedError(JupyterDistError):
         rss_bytes: int | None = None,
         memory_limit_bytes: int | None = None,
         is_restarting: bool = False,
+        torch_rank: int | None = None,
     ) -> None:
         self.engine_id = engine_id
+        self.torch_rank = torch_rank
         self.pid = pid
         self.host = host
         self.exit_code = exit_code
@@ -141,6 +144,13 @@ class EngineDiedError(JupyterDistError):
         if len(self.died_on) > 1:
             engines = ", ".join(str(i) for i in self.died_on[:-1]) + f" and {self.died_on[-1]}"
             tries = f" It was tried {len(self.died_on)} times; the engines it died on: {engines}."
+        if torch_rank is not None:
+            super().__init__(
+                f"Torch rank {torch_rank} (engine {engine_id}{where}) died{how}{during}.{hint} "
+                "The collectives of the other ranks fail without it. "
+                f"`%dist restart {engine_id}` replaces it and forms the torch group again."
+            )
+            return
         super().__init__(
             f"Engine {engine_id}{where} died{how}{during}.{hint}{tries} "
             f"`%dist restart {engine_id}` replaces it."

@@ -209,8 +209,10 @@ def combine_errors(errors: Sequence[BaseException]) -> BaseException:
     return remote[0] if len(remote) == 1 else CompositeRemoteError(remote)
 
 
-def error_from_reply(content: dict[str, Any], cluster_id: str) -> JupyterDistError:
-    """Build the exception a task reply describes."""
+def error_from_reply(
+    content: dict[str, Any], cluster_id: str, torch_ranks: dict[int, int] | None = None
+) -> JupyterDistError:
+    """Build the exception a task reply describes (``torch_ranks``: engine id -> its rank)."""
     error = content.get("error") or {}
     ename = error.get("ename", "Error")
     evalue = error.get("evalue", "")
@@ -226,6 +228,7 @@ def error_from_reply(content: dict[str, Any], cluster_id: str) -> JupyterDistErr
             rss_bytes=error.get("rss_bytes"),
             memory_limit_bytes=error.get("memory_limit_bytes"),
             is_restarting=bool(error.get("is_restarting")),
+            torch_rank=(torch_ranks or {}).get(engine_id) if engine_id is not None else None,
         )
     if ename == "NoEnginesError":
         return NoEnginesError(cluster_id, evalue)

@@ -24,10 +24,11 @@ from tqdm.auto import tqdm
 
 import jupyter_dist as jd
 from jupyter_dist import connection_file
-from jupyter_dist.cli import add_limit_options
+from jupyter_dist.cli import add_start_options, start_options
 from jupyter_dist.errors import describe_exit_code
 from jupyter_dist.private_file import write_atomically
 from jupyter_dist.quantities import format_duration, format_nbytes
+from jupyter_dist.torch_group import TorchGroup
 
 INTERRUPT_GRACE_S = 5.0
 LAUNCHERS = ("local",)
@@ -75,10 +76,8 @@ def _dist_parser() -> _Parser:
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     start = sub.add_parser("start", help="start a controller and engines on this machine")
-    start.add_argument("-n", type=int, default=4, help="number of engines (default 4)")
     start.add_argument("--launcher", default="local", help="where engines run: local (default)")
-    start.add_argument("--ip", default="127.0.0.1", help="address the controller listens on")
-    add_limit_options(start)
+    add_start_options(start)
     connect = sub.add_parser("connect", help="connect to a running cluster (default: the newest)")
     connect.add_argument("cluster", nargs="?", help="cluster id or connection file")
     sub.add_parser("status", help="list the engines: state, CPU, memory, GPUs, task")
@@ -110,7 +109,20 @@ def _distributed_parser() -> _Parser:
         "--gather", metavar="NAME", help="join the engines' NAME into the notebook after"
     )
     parser.add_argument("--local", action="store_true", help="also run the cell in this notebook")
+    parser.add_argument(
+        "--torch",
+        action="store_true",
+        help="form a torch.distributed group over the engines first (kept across cells)",
+    )
     return parser
+
+
+def _describe_group(group: TorchGroup, verb: str) -> str:
+    engines = ", ".join(f"{e}→rank {r}" for e, r in sorted(group.ranks.items()))
+    return (
+        f"{verb} the torch.distributed group ({group.backend}, world size {group.world_size}, "
+        f"{group.master_addr}:{group.master_port}): engines {engines}."
+    )
 
 
 def _owner_keys() -> list[str]:
@@ -199,16 +211,21 @@ class DistMagics(Magics):
             raise UsageError(
                 f"%dist start: launcher {args.launcher!r} is not available; use one of: {', '.join(LAUNCHERS)}."
             )
-        if args.n < 1:
+        if args.n is not None and args.n < 1:
             raise UsageError(f"%dist start: -n must be at least 1, not {args.n}.")
-        cluster = jd.Cluster.start(
-            n=args.n, ip=args.ip, idle_timeout=args.idle_timeout, memory_limit=args.memory_limit
-        )
+        cluster = jd.Cluster.start(**start_options(args))
         self._use(cluster, is_owner=True)
+        n = len(cluster.engine_ids)
         limit = f" of at most {format_nbytes(args.memory_limit)} each" if args.memory_limit else ""
         print(
-            f"Started cluster {cluster.id} with {args.n} engines{limit}; it is `dist_cluster` in this notebook."
+            f"Started cluster {cluster.id} with {n} engines{limit}; it is `dist_cluster` in this notebook."
         )
+        if args.gpus is not None or args.gpus_per_engine is not None:
+            for context in cluster.apply(jd.engine_context):
+                names = ", ".join(f"{g.name} ({g.uuid})" for g in context.gpus) or "none"
+                print(f"  engine {context.engine_id}: {names}")
+        if cluster.torch_group is not None:
+            print(_describe_group(cluster.torch_group, "Formed"))
 
     def _dist_connect(self, args: argparse.Namespace) -> None:
         cluster = jd.Cluster.connect(args.cluster)
@@ -256,8 +273,10 @@ class DistMagics(Magics):
             if not ids:
                 print("No engine is dead; name the engines to restart, e.g. `%dist restart 0,2`.")
                 return
-        cluster.restart(ids)
+        group = cluster.restart(ids)
         print(f"Restarted engines {', '.join(map(str, ids))}.")
+        if group is not None:
+            print(_describe_group(group, "Formed again"))
 
     def _dist_interrupt(self, args: argparse.Namespace) -> None:
         cluster = self._require_cluster()
@@ -321,6 +340,11 @@ class DistMagics(Magics):
         if not self._compiles(cell):
             return None
         view = cluster if args.targets is None else cluster[args.targets]
+        if args.torch:
+            before = cluster.torch_group
+            group = view.torch()
+            if group is not None and (before is None or before.key != group.key):
+                print(_describe_group(group, "Formed"))
         if args.scatter:
             if args.scatter not in self.shell.user_ns:
                 raise UsageError(

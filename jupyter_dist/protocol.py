@@ -68,6 +68,7 @@ class MsgType(StrEnum):
     EXECUTE_RESULT = "execute_result"  # engine -> controller -> client: a cell's value, shown
     ACTOR_STATE = "actor_state"  # engine -> controller: an actor's state changed
     MEMORY_EXCEEDED = "memory_exceeded"  # engine -> controller: over its memory limit, stop it
+    ENGINES_CHANGED = "engines_changed"  # controller -> engine: engines joined or died
     CONNECT_REQUEST = "connect_request"  # client -> controller
     CONNECT_REPLY = "connect_reply"
     STATUS_REQUEST = "status_request"
@@ -469,7 +470,10 @@ _CONTENT_FIELDS: dict[str, _Fields] = {
     MsgType.REGISTER_REQUEST: _Fields(
         {"pid": _is_int, "host": _is_str, "requested_id": _optional(_is_int)}, ("pid", "host")
     ),
-    MsgType.REGISTER_REPLY: _Fields({"status": _is_str, "engine_id": _is_int}, ("status",)),
+    MsgType.REGISTER_REPLY: _Fields(
+        {"status": _is_str, "engine_id": _is_int, "n_engines": _is_int}, ("status",)
+    ),
+    MsgType.ENGINES_CHANGED: _Fields({"n_engines": _is_int}, ("n_engines",)),
     MsgType.HEARTBEAT_REQUEST: _Fields({"metrics": lambda m: _is_map(m) and _is_json(m)}),
     MsgType.MEMORY_EXCEEDED: _Fields({"rss_bytes": _is_int}, ("rss_bytes",)),
     MsgType.ACTOR_STATE: _Fields({"actor_id": _is_str, "state": _is_json}, ("actor_id",)),

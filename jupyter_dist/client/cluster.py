@@ -20,16 +20,19 @@ from jupyter_dist.actor_handle import ActorHandle
 from jupyter_dist.client.connection import Connection
 from jupyter_dist.client.view import View
 from jupyter_dist.connection_file import ClusterInfo
-from jupyter_dist.errors import ClusterError, DistTimeoutError, LauncherError
+from jupyter_dist.errors import ClusterError, DistTimeoutError, JupyterDistError, LauncherError
 from jupyter_dist.futures import Future, MultiFuture
 from jupyter_dist.launchers import local
+from jupyter_dist.launchers.gpus import GpuSelection, plan_engine_gpus
 from jupyter_dist.protocol import MsgType
 from jupyter_dist.quantities import parse_duration_s, parse_nbytes
+from jupyter_dist.torch_group import DEFAULT_TIMEOUT_S, TorchGroup
 
 if TYPE_CHECKING:
     from jupyter_dist.widgets import ClusterMonitor
 
 START_TIMEOUT_S = 60.0
+DEFAULT_ENGINES = 4
 LOG_TAIL_LINES = 20
 
 
@@ -120,11 +123,15 @@ class Cluster(View):
     @classmethod
     def start(
         cls,
-        n: int = 4,
+        n: int | None = None,
         ip: str = "127.0.0.1",
         timeout_s: float = START_TIMEOUT_S,
         idle_timeout: float | str | None = None,
         memory_limit: int | str | None = None,
+        gpus: GpuSelection | None = None,
+        gpus_per_engine: int | None = None,
+        torch: bool = False,
+        torch_timeout: float = DEFAULT_TIMEOUT_S,
     ) -> Cluster:
         """Start a controller and ``n`` local engines; return once all ``n`` are registered.
 
@@ -133,6 +140,17 @@ class Cluster(View):
 
         Parameters
         ----------
+        n
+            Engines to start: 4 by default, or with ``gpus`` as many as the
+            GPUs make (``len(gpus) / gpus_per_engine``).
+        gpus
+            GPU engines: ``"all"`` (every GPU this process sees), a count
+            (``2``: the first two) or indices (``[0, 3]`` or ``"0,3"``). Each
+            engine gets ``gpus_per_engine`` of them (default 1) through
+            ``CUDA_VISIBLE_DEVICES``, so its GPU is its ``cuda:0``.
+        torch, torch_timeout
+            Form a torch.distributed group over the engines once they are up
+            (``c.torch(timeout=torch_timeout)``).
         idle_timeout
             Seconds, or a text like ``"30m"`` or ``"2h"``: the cluster stops
             itself (engines, shared memory, connection file) once it has had
@@ -149,14 +167,21 @@ class Cluster(View):
         ValueError
             ``n`` is negative or ``memory_limit`` is not a size.
         LauncherError
-            The controller or an engine did not start; the message holds its log.
+            The controller or an engine did not start (the message holds its
+            log), or ``gpus`` asks for GPUs this machine does not have.
 
         Examples
         --------
         >>> c = jd.Cluster.start(n=4, memory_limit="2GB")
+        >>> c = jd.Cluster.start(gpus="all", torch=True)
         """
-        if n < 0:
+        if n is not None and n < 0:
             raise ValueError(f"n must be 0 or more engines, not {n}")
+        engine_gpus = plan_engine_gpus(gpus, gpus_per_engine, n)
+        if engine_gpus is not None:
+            n = len(engine_gpus)
+        elif n is None:
+            n = DEFAULT_ENGINES
         idle_timeout_s = parse_duration_s(idle_timeout) if idle_timeout is not None else None
         memory_limit_bytes = parse_nbytes(memory_limit) if memory_limit is not None else None
         cluster_id = secrets.token_hex(4)
@@ -167,6 +192,7 @@ class Cluster(View):
             connection_file.runtime_dir(),
             idle_timeout_s=idle_timeout_s,
             memory_limit_bytes=memory_limit_bytes,
+            engine_gpus=engine_gpus,
         )
         path = connection_file.path_for(cluster_id)
         deadline = time.monotonic() + timeout_s
@@ -188,7 +214,9 @@ class Cluster(View):
         cluster = cls(path, info, is_owner=True)
         try:
             cluster.wait_for_engines(n, max(1.0, deadline - time.monotonic()))
-        except LauncherError:
+            if torch:
+                cluster.torch(timeout=torch_timeout)
+        except JupyterDistError:
             cluster.stop()
             raise
         return cluster
@@ -227,6 +255,11 @@ class Cluster(View):
         shm.drop_unused_mappings()  # the controller removed the segments: their memory goes now
 
     # ---- engines -----------------------------------------------------
+
+    @property
+    def torch_group(self) -> TorchGroup | None:
+        """The torch.distributed group ``c.torch()`` formed from this client, if any."""
+        return self.connection.torch_group
 
     def live_engine_ids(self) -> list[int]:
         return list(self.connection.engine_ids)
@@ -294,13 +327,18 @@ class Cluster(View):
             time.sleep(0.05)
             self.status()
 
-    def restart(self, engine_ids: Sequence[int], timeout_s: float = START_TIMEOUT_S) -> None:
+    def restart(
+        self, engine_ids: Sequence[int], timeout_s: float = START_TIMEOUT_S
+    ) -> TorchGroup | None:
         """Replace engines in place: each is killed (its work fails) and a fresh one takes its id.
 
-        Returns once the new engines are registered. Raises ``ClusterError``
-        for an engine this cluster's controller did not start.
+        Returns once the new engines are registered. When one of them was a
+        rank of the torch group ``c.torch()`` formed, the group is formed again
+        over the same engines (on a new port) and returned. Raises
+        ``ClusterError`` for an engine this cluster's controller did not start.
         """
         ids = [int(i) for i in engine_ids]
+        group = self.connection.torch_group
         reply = self.connection.request(MsgType.RESTART_REQUEST, {"engine_ids": ids})
         refused = reply.content.get("refused", {})
         if refused:
@@ -309,12 +347,15 @@ class Cluster(View):
         while True:
             states = {e.engine_id: e for e in self.status()}
             if all(i in states and states[i].state != "dead" for i in ids):
-                return
+                break
             if time.monotonic() > deadline:
                 raise DistTimeoutError(
                     f"Engines {ids} of cluster {self.id!r} did not come back within {timeout_s} s."
                 )
             time.sleep(0.05)
+        if group is None or not set(ids) & set(group.ranks):
+            return None
+        return self[group.engine_ids].torch(group.backend, group.timeout_s)
 
     def interrupt(self, engine_ids: Sequence[int] | None = None) -> None:
         """Raise ``KeyboardInterrupt`` in the code running on these engines (default: all)."""

@@ -49,6 +49,7 @@ from jupyter_dist.protocol import (
 )
 from jupyter_dist.security import secure_client
 from jupyter_dist.serialize import deserialize, serialize
+from jupyter_dist.torch_group import TorchGroup
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +86,7 @@ class Connection:
         self._is_controller_local = info.host == socket.gethostname()
         self._last_heard = time.monotonic()
         self._execution_count = 0
+        self.torch_group: TorchGroup | None = None  # the group c.torch() formed, if any
         self.host = shm.host_name()
         self.shm_pool = shm.pool_for(info.cluster_id)
         register_caller(info.cluster_id, self)  # actor handles in this process call through here
@@ -378,7 +380,8 @@ class Connection:
                 return
             future.set_result(value)
         elif status == "error":
-            error = error_from_reply(content, self.info.cluster_id)
+            ranks = self.torch_group.ranks if self.torch_group is not None else {}
+            error = error_from_reply(content, self.info.cluster_id, ranks)
             if isinstance(error, EngineDiedError):  # before the next published state says so
                 self.engine_ids = [i for i in self.engine_ids if i != error.engine_id]
             future.set_exception(error)

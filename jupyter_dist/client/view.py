@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import itertools
 import linecache
 import os
@@ -13,11 +14,11 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
-from jupyter_dist import shm
+from jupyter_dist import shm, torch_group
 from jupyter_dist.actor_handle import ActorHandle
 from jupyter_dist.client import sequences
 from jupyter_dist.client.output import OutputGroup
-from jupyter_dist.errors import NoEnginesError, SerializationError
+from jupyter_dist.errors import JupyterDistError, NoEnginesError, SerializationError
 from jupyter_dist.futures import Future, MultiFuture, then
 from jupyter_dist.protocol import new_id
 from jupyter_dist.serialize import serialize
@@ -262,6 +263,56 @@ class View:
             return sequences.join(whole, name, allocate)
 
         return MultiFuture(new_id(), fetches, join_fetched)
+
+    def torch(
+        self,
+        backend: str = "auto",
+        timeout: float = torch_group.DEFAULT_TIMEOUT_S,
+        destroy: bool = False,
+    ) -> torch_group.TorchGroup | None:
+        """Form a torch.distributed group over the view's engines (rank k: the k-th engine id).
+
+        Sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``,
+        ``MASTER_ADDR`` and ``MASTER_PORT`` on every engine and calls
+        ``init_process_group``: with ``backend="auto"``, NCCL when every engine
+        has a GPU (each on its own, ``cuda:0``), else gloo. The group lasts
+        across cells; asking again for the same group does nothing. A
+        collective waiting for a rank that died or never comes fails after
+        ``timeout`` seconds at most. ``destroy=True`` ends the group.
+
+        Examples
+        --------
+        >>> c.torch()  # then, in a %%distributed cell: dist.all_reduce(t)
+        """
+        ids = self._require_engines()
+        if destroy:
+            self.apply(torch_group.destroy)
+            self._cluster.connection.torch_group = None
+            return None
+        if backend not in ("auto", "gloo", "nccl"):
+            raise ValueError(f"backend must be 'auto', 'gloo' or 'nccl', not {backend!r}")
+        described = dict(zip(ids, self._all(self.apply(torch_group.describe)), strict=True))
+        engines = {i: (pid, host, n_gpus) for i, (_, pid, host, n_gpus) in described.items()}
+        if backend == "nccl" and any(n_gpus == 0 for _, _, n_gpus in engines.values()):
+            without = [i for i, (_, _, n_gpus) in engines.items() if n_gpus == 0]
+            raise JupyterDistError(
+                f"The NCCL backend needs a GPU on every engine; engines {without} have none. "
+                "Start GPU engines with `%dist start --gpus all`, or use backend='gloo'."
+            )
+        group, local_ranks = torch_group.plan(engines, backend, timeout, master_port=0)
+        current = [had for had, _, _, _ in described.values()]
+        if all(had is not None and had.key == group.key for had in current):
+            self._cluster.connection.torch_group = current[0]
+            return current[0]
+        port = self._cluster[ids[0]].apply(torch_group.free_port)
+        group = dataclasses.replace(group, master_port=port)
+        self.apply(torch_group.form, group, local_ranks)
+        self._cluster.connection.torch_group = group
+        return group
+
+    def _all(self, values: Any) -> list[Any]:
+        """A blocking call's result as a list, also on a single-engine view."""
+        return [values] if self._is_single else list(values)
 
     def submit(self, fn: Callable[..., Any], *args: Any, retries: int = 0, **kwargs: Any) -> Future:
         """Run ``fn(*args, **kwargs)`` once, on the least busy engine of the view.

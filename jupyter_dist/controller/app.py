@@ -54,8 +54,9 @@ HEARTBEATS_PER_REPLY = 3
 SHUTDOWN_GRACE_S = 3.0
 GC_THRESHOLDS = (50_000, 20, 50)
 
-# Starts one local engine: (connection file, requested engine id) -> Popen-like handle.
-EngineStarter = Callable[[str, int | None], Any]
+# Starts one local engine: (connection file, requested engine id, environment to set in it)
+# -> Popen-like handle.
+EngineStarter = Callable[[str, int | None, dict[str, str]], Any]
 
 
 def _router(ctx: zmq.Context[Any]) -> zmq.Socket[Any]:
@@ -84,6 +85,7 @@ class Controller:
         orphan_timeout_s: float = ORPHAN_TIMEOUT_S,
         idle_timeout_s: float | None = None,
         memory_limit_bytes: int | None = None,
+        engine_gpus: list[str] | None = None,
     ) -> None:
         self.cluster_id = cluster_id or secrets.token_hex(4)
         self.ip = ip
@@ -93,6 +95,7 @@ class Controller:
         self.orphan_timeout_s = orphan_timeout_s
         self.idle_timeout_s = idle_timeout_s  # stop after this long without work (None: never)
         self.memory_limit_bytes = memory_limit_bytes  # per engine; engines watch it themselves
+        self.engine_gpus = engine_gpus or []  # engine k's CUDA_VISIBLE_DEVICES, also on restart
         self.ctx: zmq.Context[Any] = zmq.Context()
         self.clients = _router(self.ctx)
         self.engines = _router(self.ctx)
@@ -102,6 +105,8 @@ class Controller:
         self.outbox = Outbox(self.session)
         self.is_dispatch_due = False  # balanced work arrived or engines freed up this turn
         self.loop.at_turn_end(self._dispatch_if_due)
+        self.have_engines_changed = False  # engines joined or died this turn: tell the engines
+        self.loop.at_turn_end(self._tell_engines_if_changed)
         self.loop.at_turn_end(self.outbox.flush)
         self.registry = EngineRegistry()
         self.actors = ActorRegistry()
@@ -167,8 +172,8 @@ class Controller:
         self.loop.add_socket(self.engines, self._on_engine_message)
         self.loop.call_later(CHECK_INTERVAL_S, self._check_engines)
         self._state_changed()
-        for _ in range(n_engines):
-            self._launch_engine(None)
+        for engine_id in range(n_engines):
+            self._launch_engine(engine_id)
         return self.connection_path
 
     def serve(self) -> None:
@@ -183,10 +188,13 @@ class Controller:
         finally:
             self._close()
 
-    def _launch_engine(self, engine_id: int | None) -> None:
+    def _launch_engine(self, engine_id: int) -> None:
         if self.start_engine is None:
             return
-        handle = self.start_engine(self.connection_path, engine_id)
+        environ = {}
+        if engine_id < len(self.engine_gpus):
+            environ["CUDA_VISIBLE_DEVICES"] = self.engine_gpus[engine_id]
+        handle = self.start_engine(self.connection_path, engine_id, environ)
         self.launching[handle.pid] = handle
         template = getattr(handle, "template", None)  # a forked engine's: it reports exits
         if template is not None and template.fileno() not in self.watched_templates:
@@ -737,11 +745,26 @@ class Controller:
             {
                 "status": "ok",
                 "engine_id": engine.engine_id,
+                "n_engines": len(self.registry.live()),
                 "memory_limit_bytes": self.memory_limit_bytes,
             },
         )
+        self.have_engines_changed = True
         self._state_changed()
         self._dispatch_balanced()
+
+    def _tell_engines_if_changed(self) -> None:
+        """Give every engine the cluster's new size (``engine_context().n_engines``).
+
+        Once a turn, after its registrations and deaths: sent before any work
+        that arrives later, so code on an engine never sees a stale size.
+        """
+        if not self.have_engines_changed:
+            return
+        self.have_engines_changed = False
+        live = self.registry.live()
+        for engine in live:
+            self._send_engine(engine, MsgType.ENGINES_CHANGED, {"n_engines": len(live)})
 
     def _on_task_reply(self, engine: EngineRecord, msg: Message) -> None:
         task_id = msg.content.get("task_id", "")
@@ -874,6 +897,7 @@ class Controller:
             engine.process.kill()  # silent but alive (stopped, or stuck holding the GIL): end it
             exit_code = engine.process.wait()
         self.registry.mark_dead(engine, exit_code)
+        self.have_engines_changed = True
         logger.error(
             "engine %d (pid %d) died, exit code %s", engine.engine_id, engine.pid, exit_code
         )

@@ -26,12 +26,14 @@ import zmq
 from jupyter_dist import serialize, shm
 from jupyter_dist.actor_handle import register_caller
 from jupyter_dist.connection_file import ClusterInfo
+from jupyter_dist.context import EngineContext, set_engine_context, update_engine_context
 from jupyter_dist.engine.actors import ActorHost
 from jupyter_dist.engine.caller import EngineCaller
 from jupyter_dist.engine.executor import Executor, Outcome, plain_error
 from jupyter_dist.engine.metrics import MetricsSampler
 from jupyter_dist.engine.streams import OutStream, current_task_id
 from jupyter_dist.errors import SerializationError
+from jupyter_dist.gpus import GpuInfo
 from jupyter_dist.ioloop import IOLoop
 from jupyter_dist.outbox import Outbox
 from jupyter_dist.protocol import Message, MsgType, Session, unpack_or_drop
@@ -190,6 +192,9 @@ class Engine:
             pass  # output of an actor call made from here: it was printed where it ran
         elif msg_type == MsgType.HEARTBEAT_REPLY:
             pass
+        elif msg_type == MsgType.ENGINES_CHANGED:
+            if self.registered.is_set():
+                update_engine_context(n_engines=msg.content["n_engines"])
         elif msg_type == MsgType.REGISTER_REPLY:
             self._on_registered(msg)
         elif msg_type == MsgType.STEAL_REQUEST:
@@ -236,6 +241,18 @@ class Engine:
             self._shutdown()
             return
         self.engine_id = int(msg.content["engine_id"])
+        gpus = tuple(
+            GpuInfo(g["index"], g["uuid"], g["name"]) for g in self.metrics.gpus.sample(os.getpid())
+        )
+        set_engine_context(
+            EngineContext(
+                engine_id=self.engine_id,
+                n_engines=int(msg.content.get("n_engines", 1)),
+                host=socket.gethostname(),
+                pid=os.getpid(),
+                gpus=gpus,
+            )
+        )
         limit = msg.content.get("memory_limit_bytes")
         self.memory_limit_bytes = int(limit) if limit else None
         logger.info(

@@ -9,7 +9,7 @@ from typing import Any
 import psutil
 
 from jupyter_dist import shm
-from jupyter_dist.engine.gpus import GpuProbe, NvmlGpuProbe
+from jupyter_dist.gpus import GpuProbe, NvmlGpuProbe
 
 RSS_GRANULE_NBYTES = 64 * 1024
 # Linux: the resident size, in pages, is the second field.

@@ -9,6 +9,7 @@ runtime directory; the command line is logged, never the environment.
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +25,9 @@ class LocalProcess(subprocess.Popen[bytes]):
     log_path: str = ""
 
 
-def _spawn(args: list[str], log_path: Path, new_session: bool) -> LocalProcess:
+def _spawn(
+    args: list[str], log_path: Path, new_session: bool, environ: dict[str, str] | None = None
+) -> LocalProcess:
     logger.info("starting %s (log %s)", " ".join(args), log_path)
     with open(log_path, "ab") as log:
         process = LocalProcess(
@@ -34,6 +37,7 @@ def _spawn(args: list[str], log_path: Path, new_session: bool) -> LocalProcess:
             stderr=subprocess.STDOUT,
             start_new_session=new_session,
             close_fds=True,
+            env={**os.environ, **environ} if environ else None,
         )
     process.log_path = str(log_path)
     return process
@@ -47,8 +51,12 @@ def start_controller(
     log_level: str = "INFO",
     idle_timeout_s: float | None = None,
     memory_limit_bytes: int | None = None,
+    engine_gpus: list[str] | None = None,
 ) -> LocalProcess:
-    """Start a detached controller that starts ``n_engines`` local engines itself."""
+    """Start a detached controller that starts ``n_engines`` local engines itself.
+
+    ``engine_gpus[k]`` is engine k's ``CUDA_VISIBLE_DEVICES`` (GPU UUIDs, not secret).
+    """
     args = [
         sys.executable, "-m", "jupyter_dist.cli", "controller",
         "--cluster-id", cluster_id, "-n", str(n_engines), "--ip", ip, "--log-level", log_level,
@@ -57,21 +65,27 @@ def start_controller(
         args += ["--idle-timeout", str(idle_timeout_s)]
     if memory_limit_bytes is not None:
         args += ["--memory-limit", str(memory_limit_bytes)]
+    for visible in engine_gpus or ():
+        args += ["--engine-gpus", visible]
     return _spawn(args, log_dir / f"jupyter-dist-{cluster_id}-controller.log", new_session=True)
 
 
 def start_engine(
-    connection_path: str, engine_id: int | None, log_level: str = "INFO"
+    connection_path: str,
+    engine_id: int | None,
+    environ: dict[str, str],
+    log_level: str = "INFO",
 ) -> LocalProcess | ForkedEngine:
     """Start one engine that connects with ``connection_path`` (asking for ``engine_id``).
 
-    Forked from this process's engine template (started on first use),
-    or started fresh when the template cannot be had.
+    ``environ`` is set in the engine before any of its code runs (its
+    ``CUDA_VISIBLE_DEVICES``). Forked from this process's engine template
+    (started on first use), or started fresh when the template cannot be had.
     """
     log_path = _engine_log_path(connection_path)
     template = _template_for(log_level)
     if template is not None:
-        request = {"connection_file": connection_path, "engine_id": engine_id}
+        request = {"connection_file": connection_path, "engine_id": engine_id, "environ": environ}
         try:
             pid = template.fork({**request, "log_path": str(log_path)})
         except (OSError, TimeoutError) as e:
@@ -80,7 +94,7 @@ def start_engine(
         else:
             logger.info("forked engine pid %d from the template (log %s)", pid, log_path)
             return ForkedEngine(template, pid, str(log_path))
-    return _spawn_engine(connection_path, engine_id, log_level, log_path)
+    return _spawn_engine(connection_path, engine_id, environ, log_level, log_path)
 
 
 _templates: dict[str, EngineTemplate] = {}
@@ -107,7 +121,11 @@ def _engine_log_path(connection_path: str) -> Path:
 
 
 def _spawn_engine(
-    connection_path: str, engine_id: int | None, log_level: str, log_path: Path
+    connection_path: str,
+    engine_id: int | None,
+    environ: dict[str, str],
+    log_level: str,
+    log_path: Path,
 ) -> LocalProcess:
     args = [
         sys.executable,
@@ -121,4 +139,4 @@ def _spawn_engine(
     ]
     if engine_id is not None:
         args += ["--engine-id", str(engine_id)]
-    return _spawn(args, log_path, new_session=False)
+    return _spawn(args, log_path, new_session=False, environ=environ)

@@ -9,7 +9,7 @@ own. The template never creates a ZeroMQ context and never imports torch
 or touches CUDA, so nothing a child needs is broken by the fork.
 
 The controller talks to the template over a pair of pipes, one JSON object
-a line: requests ``{"connection_file", "engine_id", "log_path"}`` on its
+a line: requests ``{"connection_file", "engine_id", "environ", "log_path"}`` on its
 stdin; ``{"started": pid}`` (one per request, in order) and ``{"exited":
 pid, "code": code}`` (as children end) on its stdout. The template exits
 when its stdin closes, that is when the controller is gone; its engines
@@ -94,6 +94,9 @@ def _fork_engine(
         os.dup2(log_fd, 2)
         for fd in {log_fd, null_fd, *inherited_fds} - {0, 1, 2}:
             os.close(fd)
+        os.environ.update(
+            request.get("environ") or {}
+        )  # before any engine code: CUDA reads it once
         code = run_engine(request)
     except BaseException:
         traceback.print_exc()

@@ -14,10 +14,24 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Protocol, TypedDict
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class GpuInfo:
+    """A GPU as a process sees it: its CUDA ordinal there, its UUID and its name."""
+
+    index: int
+    uuid: str
+    name: str
+
+
+class NvmlUnavailableError(Exception):
+    """NVML cannot be used here (no ``nvidia-ml-py``, no driver); the message says which."""
 
 
 class GpuSample(TypedDict):
@@ -109,23 +123,15 @@ class NvmlGpuProbe:
 
     def _start(self) -> list[str]:
         """Load and initialise NVML; return the visible devices' UUIDs ([] disables the probe)."""
-        if self._nvml is None:
-            try:
-                import pynvml
-            except ImportError:
-                logger.debug("nvidia-ml-py is not installed; reporting no GPUs")
-                self._is_disabled = True
-                return []
-            self._nvml = pynvml
-        nvml = self._nvml
         try:
-            nvml.nvmlInit()
-        except nvml.NVMLError as e:  # no driver or no libnvidia-ml: an ordinary CPU machine
-            logger.debug("NVML is not available (%s); reporting no GPUs", e)
+            self._nvml = open_nvml(self._nvml)
+        except NvmlUnavailableError as e:  # an ordinary CPU machine
+            logger.debug("%s; reporting no GPUs", e)
             self._is_disabled = True
             return []
+        nvml = self._nvml
         try:
-            uuids = self._visible_uuids(nvml)
+            uuids = [gpu.uuid for gpu in visible_gpus(nvml, self._environ)]
         except nvml.NVMLError as e:
             logger.warning("cannot list the GPUs through NVML: %s", e)
             uuids = []
@@ -135,28 +141,6 @@ class NvmlGpuProbe:
         else:
             logger.info("sampling GPUs %s", ", ".join(uuids))
         return uuids
-
-    def _visible_uuids(self, nvml: Any) -> list[str]:
-        by_index = [
-            _text(nvml.nvmlDeviceGetUUID(nvml.nvmlDeviceGetHandleByIndex(i)))
-            for i in range(nvml.nvmlDeviceGetCount())
-        ]
-        entries = parse_visible_devices(self._environ.get("CUDA_VISIBLE_DEVICES"))
-        if entries is None:
-            return by_index
-        visible: list[str] = []
-        for entry in entries:
-            if entry.isdigit():
-                found = [by_index[int(entry)]] if int(entry) < len(by_index) else []
-            else:  # a UUID or a unique prefix of one, as CUDA accepts
-                found = [u for u in by_index if u.startswith(entry)]
-            if len(found) != 1 or found[0] in visible:
-                logger.debug(
-                    "CUDA_VISIBLE_DEVICES entry %r matches no single GPU; ends there", entry
-                )
-                break  # CUDA ignores the entry that fails and every one after it
-            visible.append(found[0])
-        return visible
 
     def _sample_device(self, nvml: Any, handle: Any, index: int, uuid: str, pid: int) -> GpuSample:
         def read(fn: Any, *args: Any) -> Any:
@@ -184,3 +168,58 @@ class NvmlGpuProbe:
             power_w=None if power_mw is None else power_mw / 1000.0,
             process_memory_bytes=own,
         )
+
+
+def open_nvml(nvml: ModuleType | Any = None) -> Any:
+    """Import (unless given) and initialise NVML; raise ``NvmlUnavailableError`` saying why not.
+
+    NVML reads the driver only: it never creates a CUDA context, so any process may call this.
+    """
+    if nvml is None:
+        try:
+            import pynvml
+        except ImportError as e:
+            raise NvmlUnavailableError("nvidia-ml-py is not installed") from e
+        nvml = pynvml
+    try:
+        nvml.nvmlInit()
+    except nvml.NVMLError as e:
+        raise NvmlUnavailableError(f"NVML cannot start ({e}): no NVIDIA driver here") from e
+    return nvml
+
+
+def visible_gpus(nvml: Any, environ: dict[str, str] | os._Environ[str]) -> list[GpuInfo]:
+    """The GPUs a process with ``environ`` may use, in CUDA's order (NVML initialised)."""
+    handles = [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(nvml.nvmlDeviceGetCount())]
+    by_index = [_text(nvml.nvmlDeviceGetUUID(h)) for h in handles]
+    names = {
+        uuid: _text(nvml.nvmlDeviceGetName(h)) for uuid, h in zip(by_index, handles, strict=True)
+    }
+    entries = parse_visible_devices(environ.get("CUDA_VISIBLE_DEVICES"))
+    if entries is None:
+        visible = by_index
+    else:
+        visible = []
+        for entry in entries:
+            if entry.isdigit():
+                found = [by_index[int(entry)]] if int(entry) < len(by_index) else []
+            else:  # a UUID or a unique prefix of one, as CUDA accepts
+                found = [u for u in by_index if u.startswith(entry)]
+            if len(found) != 1 or found[0] in visible:
+                logger.debug(
+                    "CUDA_VISIBLE_DEVICES entry %r matches no single GPU; ends there", entry
+                )
+                break  # CUDA ignores the entry that fails and every one after it
+            visible.append(found[0])
+    return [GpuInfo(index, uuid, names[uuid]) for index, uuid in enumerate(visible)]
+
+
+def list_gpus(
+    nvml: ModuleType | Any = None, environ: dict[str, str] | None = None
+) -> list[GpuInfo]:
+    """The GPUs this process may use; raises ``NvmlUnavailableError`` where NVML cannot tell."""
+    nvml = open_nvml(nvml)
+    try:
+        return visible_gpus(nvml, os.environ if environ is None else environ)
+    finally:
+        nvml.nvmlShutdown()
