@@ -342,7 +342,10 @@ class DistMagics(Magics):
         view = cluster if args.targets is None else cluster[args.targets]
         if args.torch:
             before = cluster.torch_group
-            group = view.torch()
+            if before is not None and before.engine_ids == view.engine_ids:
+                group = view.torch(before.backend, before.timeout_s)  # kept if still whole
+            else:
+                group = view.torch()
             if group is not None and (before is None or before.key != group.key):
                 print(_describe_group(group, "Formed"))
         if args.scatter:

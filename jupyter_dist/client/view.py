@@ -300,10 +300,11 @@ class View:
                 "Start GPU engines with `%dist start --gpus all`, or use backend='gloo'."
             )
         group, local_ranks = torch_group.plan(engines, backend, timeout, master_port=0)
-        current = [had for had, _, _, _ in described.values()]
-        if all(had is not None and had.key == group.key for had in current):
-            self._cluster.connection.torch_group = current[0]
-            return current[0]
+        current: list[torch_group.TorchGroup | None] = [had for had, *_ in described.values()]
+        kept = current[0]
+        if kept is not None and all(had is not None and had.key == group.key for had in current):
+            self._cluster.connection.torch_group = kept
+            return kept
         port = self._cluster[ids[0]].apply(torch_group.free_port)
         group = dataclasses.replace(group, master_port=port)
         self.apply(torch_group.form, group, local_ranks)

@@ -38,6 +38,8 @@ def _describe(available: list[GpuInfo]) -> str:
 
 
 def _selected(gpus: GpuSelection, available: list[GpuInfo]) -> list[GpuInfo]:
+    if not available:
+        raise LauncherError(f"Asked for GPU engines. {_describe(available)}")
     if isinstance(gpus, str):
         text = gpus.strip().lower()
         if text == "all":

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
-from jupyter_dist.engine.gpus import GpuSample
+from jupyter_dist.gpus import GpuSample
 
 
 class NVMLError(Exception):

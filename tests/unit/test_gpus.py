@@ -12,8 +12,8 @@ import pytest
 
 from jupyter_dist import shm
 from jupyter_dist.engine import metrics
-from jupyter_dist.engine.gpus import NvmlGpuProbe, parse_visible_devices
 from jupyter_dist.engine.metrics import MetricsSampler
+from jupyter_dist.gpus import NvmlGpuProbe, parse_visible_devices
 from tests.unit.fake_gpus import FakeDevice, FakeGpuProbe, FakeNvml
 
 UUIDS = [
@@ -126,7 +126,7 @@ def test_without_a_driver_no_gpus_are_reported_and_nothing_alarming_is_logged(
     nvml = FakeNvml([], is_missing=True)
     probe = NvmlGpuProbe(nvml, environ={})
 
-    with caplog.at_level(logging.DEBUG, logger="jupyter_dist.engine.gpus"):
+    with caplog.at_level(logging.DEBUG, logger="jupyter_dist.gpus"):
         first = probe.sample(os.getpid())
         second = probe.sample(os.getpid())
 
