@@ -4,9 +4,12 @@ cloudpickle with pickle protocol 5: large contiguous buffers (numpy arrays,
 torch tensors, bytes-like objects) leave the pickle stream as separate
 buffers, sent as their own frames without a copy and rebuilt on arrival
 over the received memory. Torch tensors get a reducer of their own (dtype,
-shape and one buffer); torch's default pickling copies through
-``torch.save``. Torch is never imported here: the reducer only looks at
-tensors when the sender has already imported torch.
+shape, device and one buffer; an ``nn.Parameter`` pickles as torch
+makes it, around its data, which goes through that reducer); torch's
+default pickling copies through ``torch.save``. A CUDA tensor lands on the
+receiver's current GPU, or on its CPU with one warning where it has none.
+Torch is never imported here: the reducer only looks at tensors when the
+sender has already imported torch.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import logging
 import pickle
 import sys
 import types
+import warnings
 import weakref
 from collections import ChainMap
 from collections.abc import Sequence
@@ -143,13 +147,20 @@ def _load_function(blob: bytes) -> Any:
 
 
 def _reduce_tensor(tensor: Any) -> tuple[Any, ...]:
-    # A lazily conjugated complex tensor (``t.conj()``) cannot be viewed as bytes;
-    # resolve_conj() materializes it, and is free for every other tensor.
-    detached = tensor.detach().resolve_conj()
+    """Send a tensor as dtype, shape, device and one buffer of its elements.
+
+    A CPU tensor that is already contiguous goes out as its own memory; a
+    device tensor is made contiguous on its device first, so that it costs
+    the one device-to-host copy ``.cpu()`` makes (``.cpu().contiguous()``
+    would copy a non-contiguous one twice). A lazily conjugated or negated
+    tensor (``t.conj()``) cannot be viewed as bytes; resolving it is free
+    for every other tensor.
+    """
+    detached = tensor.detach().resolve_conj().resolve_neg().contiguous()
     device = str(detached.device)
     if detached.device.type != "cpu":
         detached = detached.cpu()
-    flat = detached.contiguous().reshape(-1).view(dtype=_torch().uint8)
+    flat = detached.reshape(-1).view(dtype=_torch().uint8)
     payload = pickle.PickleBuffer(flat.numpy())
     return (
         _rebuild_tensor,
@@ -166,7 +177,12 @@ def _torch() -> Any:
 def _rebuild_tensor(
     payload: Any, dtype: Any, shape: tuple[int, ...], device: str, requires_grad: bool
 ) -> Any:
-    """Build a tensor over the received bytes; put it back on its GPU if there is one."""
+    """Build a tensor over the received bytes; a CUDA tensor goes to this process's current GPU.
+
+    Whatever GPU it was on at the sender, it lands on ``torch.cuda.current_device()``
+    (a GPU engine's own ``cuda:0``) with one host-to-device copy; where there
+    is no usable GPU it stays on the CPU, with one warning per process.
+    """
     torch = _torch()
     raw = memoryview(payload).cast("B")
     if raw.nbytes:
@@ -174,18 +190,55 @@ def _rebuild_tensor(
     else:
         flat = torch.empty(0, dtype=torch.uint8)
     tensor = flat.view(dtype).reshape(shape)
-    if device != "cpu" and _device_available(torch, device):
-        tensor = tensor.to(device)
+    if device != "cpu":
+        here = _device_here(torch, torch.device(device).type)
+        if here is not None:
+            tensor = tensor.to(here)
     if requires_grad:
         tensor.requires_grad_(True)
     return tensor
 
 
-def _device_available(torch: Any, device: str) -> bool:
-    parsed = torch.device(device)
-    if parsed.type != "cuda" or not torch.cuda.is_available():
-        return False
-    return parsed.index is None or parsed.index < torch.cuda.device_count()
+# Whether this process has warned that a device tensor stayed on its CPU: once is enough.
+_has_warned_kept_on_cpu = False
+
+
+def _device_here(torch: Any, device_type: str) -> Any:
+    """This process's current device of ``device_type``, or None (and a warning, once) if it has none.
+
+    Only called when such a tensor arrives, so that checking never
+    initialises CUDA in a process that does not use it.
+    """
+    backend = getattr(torch, device_type, None)
+    is_available = getattr(backend, "is_available", None)
+    if is_available is not None and is_available():
+        if device_type == "cuda":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device(device_type)
+    global _has_warned_kept_on_cpu
+    if not _has_warned_kept_on_cpu:
+        _has_warned_kept_on_cpu = True
+        warnings.warn(_kept_on_cpu_message(torch, device_type), RuntimeWarning, stacklevel=2)
+    return None
+
+
+def _kept_on_cpu_message(torch: Any, device_type: str) -> str:
+    if device_type != "cuda":
+        return (
+            f"A {device_type} tensor arrived in a process without a usable {device_type} "
+            "device; it is kept on the CPU, and so are such tensors that arrive after it."
+        )
+    why = (
+        "its torch is built without CUDA"
+        if torch.version.cuda is None
+        else "torch finds no CUDA device here"
+    )
+    return (
+        f"A CUDA tensor arrived in a process without a usable GPU ({why}); it is kept on "
+        "the CPU, and so are the CUDA tensors that arrive after it. Start GPU engines "
+        "with `%dist start --gpus all`; to bring GPU results to a notebook without a GPU, "
+        "return `t.cpu()`."
+    )
 
 
 def _type_name(obj: Any) -> str:

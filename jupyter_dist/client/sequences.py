@@ -67,14 +67,11 @@ def join(chunks: Sequence[Any], name: str, allocate: Allocator | None = None) ->
         return first[:0].join(chunks)
     numpy = sys.modules.get("numpy")
     if numpy is not None and isinstance(first, numpy.ndarray):
-        if any(getattr(c, "ndim", 1) == 0 for c in chunks):
-            raise JupyterDistError(
-                f"Cannot gather {name!r}: the engines hold 0-d numpy arrays (single numbers), "
-                "which have no axis to join along. Use `c.pull(...)` to get each engine's value."
-            )
+        _require_axis(chunks, name, "numpy arrays")
         return _join_arrays(numpy, chunks, allocate)
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(first, torch.Tensor):
+        _require_axis(chunks, name, "torch tensors")
         return torch.cat(list(chunks))
     pandas = sys.modules.get("pandas")
     if pandas is not None and isinstance(first, pandas.DataFrame | pandas.Series):
@@ -86,6 +83,15 @@ def join(chunks: Sequence[Any], name: str, allocate: Allocator | None = None) ->
         "sequences (lists, tuples, ranges, strings, numpy arrays, torch tensors, pandas frames). "
         "Use `c.pull(...)` to get each engine's value."
     )
+
+
+def _require_axis(chunks: Sequence[Any], name: str, kind: str) -> None:
+    """Refuse 0-d arrays or tensors (single numbers): they have no axis 0 to join along."""
+    if any(getattr(c, "ndim", 1) == 0 for c in chunks):
+        raise JupyterDistError(
+            f"Cannot gather {name!r}: the engines hold 0-d {kind} (single numbers), "
+            "which have no axis to join along. Use `c.pull(...)` to get each engine's value."
+        )
 
 
 def _join_ranges(chunks: Sequence[Any]) -> range | list[Any]:

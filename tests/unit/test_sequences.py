@@ -144,3 +144,16 @@ def test_split_then_join_gives_back_a_pandas_frame_by_position() -> None:
     pandas.testing.assert_frame_equal(join(chunks, "df"), frame)
     series = frame["a"]
     pandas.testing.assert_series_equal(join(split(series, 2, "s"), "s"), series)
+
+
+@pytest.mark.parametrize(
+    ("chunks", "kind"),
+    [
+        ([np.array(1.0), np.array(2.0)], "numpy arrays"),
+        ([torch.tensor(1.0), torch.tensor(2.0)], "torch tensors"),
+    ],
+    ids=["numpy", "torch"],
+)
+def test_join_explains_that_single_numbers_have_no_axis(chunks: list[Any], kind: str) -> None:
+    with pytest.raises(JupyterDistError, match=f"the engines hold 0-d {kind} \\(single numbers\\)"):
+        join(chunks, "loss")

@@ -7,6 +7,7 @@ import sqlite3
 import sys
 import threading
 import types
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -14,8 +15,10 @@ import numpy as np
 import pytest
 import torch
 
+from jupyter_dist import serialize as serialize_module
 from jupyter_dist.errors import SerializationError
 from jupyter_dist.serialize import OUT_OF_BAND_MIN_NBYTES, _function_cache, deserialize, serialize
+from tests.sent_from_gpu import SentFromGpu
 
 LARGE_NBYTES = 4 * OUT_OF_BAND_MIN_NBYTES
 
@@ -244,13 +247,103 @@ def test_a_non_contiguous_tensor_round_trips(make: Callable[[], torch.Tensor]) -
     assert torch.equal(result, tensor)
 
 
-def test_a_conjugated_complex_tensor_round_trips() -> None:
-    tensor = torch.tensor([1 + 2j, 3 - 4j], dtype=torch.complex64).conj()
-    assert tensor.is_conj()
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: torch.tensor([1 + 2j, 3 - 4j], dtype=torch.complex64).conj(),
+        lambda: torch._neg_view(torch.tensor([1.0, -2.0])),
+    ],
+    ids=["conjugated", "negated"],
+)
+def test_a_lazily_conjugated_or_negated_tensor_round_trips(
+    make: Callable[[], torch.Tensor],
+) -> None:
+    tensor = make()
+    assert tensor.is_conj() or tensor.is_neg()
 
     result = round_trip(tensor)
 
-    assert torch.equal(result, tensor.resolve_conj())
+    assert torch.equal(result, tensor.resolve_conj().resolve_neg())
+
+
+def test_a_large_contiguous_tensor_is_sent_from_its_own_memory() -> None:
+    tensor = torch.arange(LARGE_NBYTES // 4, dtype=torch.float32)
+
+    _, buffers = serialize(tensor, "'t'")
+
+    assert len(buffers) == 1
+    assert np.shares_memory(np.frombuffer(buffers[0], dtype=np.uint8), tensor.numpy())
+
+
+@pytest.mark.parametrize("requires_grad", [True, False])
+def test_a_parameter_comes_back_a_parameter_through_the_tensor_reducer(requires_grad: bool) -> None:
+    parameter = torch.nn.Parameter(torch.randn(LARGE_NBYTES // 4), requires_grad=requires_grad)
+
+    pickled, buffers = serialize(parameter, "'p'")
+    result = round_trip(parameter)
+
+    assert len(buffers) == 1  # its data went out of band, not through torch.save
+    assert b"_load_from_bytes" not in pickled
+    assert type(result) is torch.nn.Parameter
+    assert result.requires_grad is requires_grad
+    assert torch.equal(result.detach(), parameter.detach())
+
+
+def test_a_state_dict_round_trips_and_loads_into_a_module() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.BatchNorm1d(4))
+    x = torch.randn(5, 8)
+
+    state = round_trip(model.state_dict())
+    copy = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.BatchNorm1d(4))
+    copy.load_state_dict(state)
+
+    assert list(state) == list(model.state_dict())
+    assert state["1.num_batches_tracked"].dtype == torch.int64
+    assert torch.equal(copy.eval()(x), model.eval()(x))
+
+
+# ---- CUDA tensors arriving ------------------------------------------------------
+
+
+@pytest.fixture
+def no_warning_yet(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This process has not yet warned that a CUDA tensor stayed on its CPU."""
+    monkeypatch.setattr(serialize_module, "_has_warned_kept_on_cpu", False)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this process has a GPU")
+@pytest.mark.usefixtures("no_warning_yet")
+def test_a_cuda_tensor_stays_on_the_cpu_without_a_gpu_and_warns_once() -> None:
+    tensor = torch.randn(LARGE_NBYTES // 4).reshape(-1, 2)
+    small = torch.tensor([1, 2, 3])
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # each warning raised is seen: only ours keeps it to one
+        first = round_trip(SentFromGpu(tensor, "cuda:3"))
+        second = round_trip([SentFromGpu(small, "cuda:0"), SentFromGpu(small, "cuda")])
+
+    assert first.device.type == "cpu"
+    assert torch.equal(first, tensor)
+    assert all(t.device.type == "cpu" and torch.equal(t, small) for t in second)
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1
+    assert "A CUDA tensor arrived in a process without a usable GPU" in messages[0]
+    assert "kept on the CPU" in messages[0]
+    assert "%dist start --gpus all" in messages[0]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.usefixtures("no_warning_yet")
+def test_a_cuda_tensor_lands_on_the_current_gpu_whatever_its_index_was() -> None:
+    tensor = torch.randn(LARGE_NBYTES // 4)
+
+    result = round_trip(SentFromGpu(tensor, f"cuda:{torch.cuda.device_count() + 3}"))
+
+    assert result.device == torch.device("cuda", torch.cuda.current_device())
+    assert torch.equal(result.cpu(), tensor)
+    assert not serialize_module._has_warned_kept_on_cpu
 
 
 def test_a_slice_of_a_large_tensor_sends_only_its_own_elements() -> None:
