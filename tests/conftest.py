@@ -104,7 +104,7 @@ def fresh_cluster(runtime_dir: Path, request: pytest.FixtureRequest) -> Iterator
 
 
 def _run_cluster(
-    runtime_dir: Path, n: int, request: pytest.FixtureRequest, **options: Any
+    runtime_dir: Path, n: int | None, request: pytest.FixtureRequest, **options: Any
 ) -> Iterator[jd.Cluster]:
     c = jd.Cluster.start(n=n, timeout_s=60, **options)
     engine_pids = [e.pid for e in c.status()]

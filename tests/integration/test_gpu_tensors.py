@@ -26,8 +26,8 @@ LARGE_NBYTES = 64 << 20
 
 @pytest.fixture(scope="module")
 def one_engine(runtime_dir: Path, request: pytest.FixtureRequest) -> Iterator[jd.Cluster]:
-    """A cluster of one engine, of this module's own."""
-    yield from _run_cluster(runtime_dir, 1, request)
+    """A cluster of one engine pinned to the first GPU, of this module's own."""
+    yield from _run_cluster(runtime_dir, None, request, gpus=1)
 
 
 @pytest.fixture
