@@ -41,6 +41,13 @@ EXPECTED_TEXT = {
         "2 of 2 engines alive; tasks:",
         "stopped",
     ],
+    "05-multi-gpu": [
+        "[0] engine 0 of 2: rank 0 of 2, GPUs []",
+        "[1] rank 1: loss",
+        "both ranks recorded the same curve: True",
+        "weights equal on both ranks: True",
+        "gloo world size 2 ranks {0: 0, 1: 1}",
+    ],
 }
 
 
