@@ -24,6 +24,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+import psutil
+
 from jupyter_dist.context import update_engine_context
 
 DEFAULT_TIMEOUT_S = 60.0
@@ -96,14 +98,48 @@ def plan(
 # ---- on the engines ------------------------------------------------------
 
 _group: TorchGroup | None = None
+_is_cut = False  # its connections were cut to end a collective: it must be formed again
 
 
 def current() -> TorchGroup | None:
-    """This engine's group, or None without one (never imports torch)."""
+    """This engine's usable group, or None without one (never imports torch)."""
     dist = sys.modules.get("torch.distributed")
-    if _group is None or dist is None or not dist.is_initialized():
+    if _group is None or _is_cut or dist is None or not dist.is_initialized():
         return None
     return _group
+
+
+def cut_connections() -> int:
+    """End a collective blocked in this engine: shut down its connections to the other ranks.
+
+    gloo waits for a peer until the group's timeout and cannot be woken
+    earlier (neither a signal nor ``abort()`` reaches its wait); a closed
+    connection fails the collective at once, here and in the ranks waiting
+    for this one. Ranks on this host are found by their pids' sockets;
+    collectives with ranks on other hosts still end at the timeout. The
+    group is unusable afterwards: the next ``c.torch()`` forms it again.
+    Called from the engine's I/O thread while user code holds the main
+    thread; returns the number of connections shut.
+    """
+    global _is_cut
+    if current() is None or _group is None:
+        return 0
+    peers: set[tuple[str, int]] = set()
+    for pid in _group.engine_pids:
+        if pid == os.getpid():
+            continue
+        try:
+            peers.update(c.laddr for c in psutil.Process(pid).net_connections("tcp"))
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue  # on another host, or gone
+    shut = 0
+    for connection in psutil.Process().net_connections("tcp"):
+        if connection.raddr and connection.raddr in peers and connection.fd >= 0:
+            with socket.socket(fileno=os.dup(connection.fd)) as sock:
+                sock.shutdown(socket.SHUT_RDWR)
+            shut += 1
+    _is_cut = shut > 0
+    return shut
 
 
 def describe() -> tuple[TorchGroup | None, int, str, int]:
@@ -126,7 +162,7 @@ def form(group: TorchGroup, local_ranks: dict[int, tuple[int, int]]) -> None:
 
     ``local_ranks`` gives each engine its rank and the number of ranks on its host.
     """
-    global _group
+    global _group, _is_cut
     import torch
     import torch.distributed as dist
 
@@ -153,7 +189,7 @@ def form(group: TorchGroup, local_ranks: dict[int, tuple[int, int]]) -> None:
         world_size=group.world_size,
         timeout=datetime.timedelta(seconds=group.timeout_s),
     )
-    _group = group
+    _group, _is_cut = group, False
     update_engine_context(
         rank=rank,
         world_size=group.world_size,

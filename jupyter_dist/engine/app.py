@@ -23,7 +23,7 @@ from typing import Any
 
 import zmq
 
-from jupyter_dist import serialize, shm
+from jupyter_dist import serialize, shm, torch_group
 from jupyter_dist.actor_handle import register_caller
 from jupyter_dist.connection_file import ClusterInfo
 from jupyter_dist.context import EngineContext, set_engine_context, update_engine_context
@@ -52,6 +52,9 @@ ACTOR_STATE_INTERVAL_S = 0.5
 # While work runs, resident memory is checked against the limit this often: a task can
 # allocate gigabytes a second, and one check (a read of /proc/self/statm) costs microseconds.
 MEMORY_CHECK_INTERVAL_S = 0.05
+# An interrupted task still running this long after may be blocked in a torch collective,
+# which no signal wakes: its group's connections are then shut to end it.
+COLLECTIVE_GRACE_S = 1.0
 
 
 class _TaskQueue:
@@ -323,8 +326,22 @@ class Engine:
             return
         if task_ids and self.current_task_id not in task_ids:
             return
-        logger.info("engine %d: interrupting task %s", self.engine_id, self.current_task_id)
+        task_id = self.current_task_id
+        logger.info("engine %d: interrupting task %s", self.engine_id, task_id)
         signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+        if torch_group.current() is not None:
+            self.loop.call_later(COLLECTIVE_GRACE_S, lambda: self._end_collective(task_id))
+
+    def _end_collective(self, task_id: str) -> None:
+        """The interrupt did not stop the task: it may be blocked in a torch collective; end that."""
+        if self.is_running_user_code and self.current_task_id == task_id:
+            shut = torch_group.cut_connections()
+            logger.warning(
+                "engine %d: task %s ignored the interrupt; shut %d torch group connection(s)",
+                self.engine_id,
+                task_id,
+                shut,
+            )
 
     def _shutdown(self) -> None:
         self.tasks.put(None)

@@ -254,3 +254,25 @@ def test_magics_form_the_group_and_form_it_again_after_a_restart(runtime_dir: Pa
     finally:
         kernel.run("%dist stop")
         kernel.close()
+
+
+def test_an_interrupt_ends_a_collective_before_the_group_timeout(
+    fresh_cluster: jd.Cluster, tmp_path: Path
+) -> None:
+    c = fresh_cluster
+    c.torch(timeout=120)
+    entered = tmp_path / "entered"
+    # Engine 1 never joins: gloo would wait 120 s, and no signal wakes it.
+    future = c[0].run(f"open({str(entered)!r}, 'w').close()\n" + ALL_REDUCE, block=False)
+    deadline = time.monotonic() + 30
+    while not entered.exists():
+        assert time.monotonic() < deadline, "the cell never started"
+        time.sleep(0.02)
+    started = time.monotonic()
+    c.interrupt([0])
+    with pytest.raises(jd.RemoteError):
+        future.result(timeout=30)
+    assert time.monotonic() - started < 10
+    group = c.torch(timeout=120)  # the cut group is formed again, usable
+    assert group is not None
+    assert c.run(ALL_REDUCE) == [[3.0, 3.0, 3.0]] * 2
