@@ -24,7 +24,8 @@ import tornado.websocket
 
 import jupyter_dist as jd
 from jupyter_dist import connection_file
-from jupyter_dist.gpus import NvmlUnavailableError, list_gpus
+from jupyter_dist.gpus import list_gpus
+from tests.nvidia import has_nvidia_driver
 
 Fetch = Callable[..., Any]
 Event = dict[str, Any]
@@ -216,14 +217,6 @@ async def test_unknown_clusters_and_bad_requests_get_4xx(
         assert failed.value.code == code
 
 
-def _has_nvidia_driver() -> bool:
-    try:
-        list_gpus()
-    except NvmlUnavailableError:
-        return False
-    return True
-
-
 async def _refused(jp_fetch: Fetch, body: dict[str, Any]) -> tuple[int, str]:
     """POST ``body`` to start a cluster, expecting a refusal: its status and message."""
     with pytest.raises(tornado.httpclient.HTTPClientError) as refused:
@@ -233,7 +226,7 @@ async def _refused(jp_fetch: Fetch, body: dict[str, Any]) -> tuple[int, str]:
     return refused.value.code, message
 
 
-@pytest.mark.skipif(_has_nvidia_driver(), reason="checks a machine without an NVIDIA driver")
+@pytest.mark.skipif(has_nvidia_driver(), reason="checks a machine without an NVIDIA driver")
 async def test_gpus_without_a_driver_are_refused_before_anything_starts(
     jp_fetch: Fetch, cleanup_clusters: None
 ) -> None:
@@ -278,7 +271,7 @@ async def test_blank_gpus_start_cpu_engines(jp_fetch: Fetch, cleanup_clusters: N
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not _has_nvidia_driver(), reason="needs an NVIDIA driver (NVML)")
+@pytest.mark.skipif(not has_nvidia_driver(), reason="needs an NVIDIA driver (NVML)")
 async def test_gpus_all_starts_one_engine_per_gpu_each_showing_its_own(
     jp_fetch: Fetch, jp_ws_fetch: Fetch, cleanup_clusters: None
 ) -> None:
