@@ -250,7 +250,13 @@ class DistMagics(Magics):
                 state = f"dead ({describe_exit_code(e.exit_code)})"
             cpu = f"{e.cpu_percent:.0f}" if e.cpu_percent is not None else "-"
             rss = f"{e.rss_bytes / 1e6:.0f}" if e.rss_bytes is not None else "-"
-            gpus = ",".join(f"{g.get('index')}:{g.get('utilization', '?')}%" for g in e.gpus) or "-"
+            gpus = (
+                ",".join(
+                    f"{g['index']}:{'?' if (u := g.get('utilization_percent')) is None else u}%"
+                    for g in e.gpus
+                )
+                or "-"
+            )
             task = (e.task_id or "") + (f" (+{e.queued} queued)" if e.queued else "")
             print(
                 f"{e.engine_id:>3} {e.host[:14]:14} {e.pid:>7} {state:20} {cpu:>6} {rss:>7} {gpus:14} {task}"

@@ -224,15 +224,22 @@ class ClusterWatcher:
 
     # ---- actions --------------------------------------------------------
 
-    async def start_cluster(self, n: int, launcher: str = "local") -> str:
-        """Start a local cluster of ``n`` engines; return its id once its controller is up."""
+    async def start_cluster(
+        self, n: int, launcher: str = "local", engine_gpus: list[str] | None = None
+    ) -> str:
+        """Start a local cluster of ``n`` engines; return its id once its controller is up.
+
+        ``engine_gpus`` is the plan from ``plan_engine_gpus`` (one entry per engine), if any.
+        """
         if launcher != "local":
             raise LauncherError(
                 f"The server can start only local clusters, not {launcher!r}; "
                 f"start others from a notebook with `%dist start --launcher {launcher}`."
             )
         cluster_id = secrets.token_hex(4)
-        process = local.start_controller(cluster_id, n, "127.0.0.1", connection_file.runtime_dir())
+        process = local.start_controller(
+            cluster_id, n, "127.0.0.1", connection_file.runtime_dir(), engine_gpus=engine_gpus
+        )
         self._started.append(process)
         path = connection_file.path_for(cluster_id)
         deadline = asyncio.get_running_loop().time() + START_TIMEOUT_S

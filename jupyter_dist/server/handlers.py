@@ -8,6 +8,7 @@ Routes live under ``<base_url>/jupyter-dist/``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -18,6 +19,7 @@ from jupyter_server.base.websocket import WebSocketMixin
 from tornado.websocket import WebSocketClosedError, WebSocketHandler
 
 from jupyter_dist.errors import ClusterError, DistTimeoutError, LauncherError
+from jupyter_dist.launchers.gpus import plan_engine_gpus
 from jupyter_dist.server.clusters import ClusterWatcher, Event
 
 AUTH_RESOURCE = "jupyter_dist"
@@ -39,7 +41,13 @@ class _WatcherHandler(APIHandler):
 
 
 class ClustersHandler(_WatcherHandler):
-    """``GET``: the running clusters and their states; ``POST {"n": 4}``: start one."""
+    """``GET``: the running clusters and their states; ``POST {"n": 4}``: start one.
+
+    The body may also carry ``gpus`` ("all", a count "2" or indices "0,3") and
+    ``gpus_per_engine``; with GPUs, ``n`` may be left out for one engine per
+    GPU share. GPUs are planned before anything starts, so a request for GPUs
+    this machine lacks is a 400 saying what it has.
+    """
 
     @tornado.web.authenticated
     async def get(self) -> None:
@@ -48,19 +56,51 @@ class ClustersHandler(_WatcherHandler):
     @tornado.web.authenticated
     async def post(self) -> None:
         body = self.get_json_body() or {}
-        n = body.get("n", 2)
+        gpus, gpus_per_engine = _gpu_request(body)
+        is_gpu_request = gpus is not None or gpus_per_engine is not None
+        n = body.get("n", None if is_gpu_request else 2)
         launcher = body.get("launcher", "local")
-        if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= MAX_ENGINES:
-            raise tornado.web.HTTPError(
-                400, f"n must be a number of engines from 0 to {MAX_ENGINES}"
-            )
+        bad_n = tornado.web.HTTPError(400, f"n must be a number of engines from 0 to {MAX_ENGINES}")
+        if n is not None and (
+            not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= MAX_ENGINES
+        ):
+            raise bad_n
         try:
-            cluster_id = await self.watcher.start_cluster(n, str(launcher))
+            # NVML can take a while to start: keep it off the server's loop.
+            plan = await asyncio.to_thread(plan_engine_gpus, gpus, gpus_per_engine, n)
+        except LauncherError as e:
+            self._fail(400, e)
+            return
+        n_engines = len(plan) if plan is not None else n
+        if n_engines is None:  # {"n": null} without GPUs to count engines by
+            raise bad_n
+        try:
+            cluster_id = await self.watcher.start_cluster(
+                n_engines, str(launcher), engine_gpus=plan
+            )
         except LauncherError as e:
             self._fail(500 if launcher == "local" else 400, e)
             return
         self.set_status(201)
         self.finish(json.dumps({"cluster_id": cluster_id}))
+
+
+def _gpu_request(body: dict[str, Any]) -> tuple[str | None, int | None]:
+    """The body's ``gpus`` (None when absent or blank) and ``gpus_per_engine``, type-checked."""
+    gpus = body.get("gpus")
+    if gpus is not None and not isinstance(gpus, str):
+        raise tornado.web.HTTPError(
+            400,
+            f"gpus must be text: 'all', a count such as '2' or indices such as '0,3'; not {gpus!r}",
+        )
+    per_engine = body.get("gpus_per_engine")
+    if per_engine is not None and (
+        not isinstance(per_engine, int) or isinstance(per_engine, bool) or per_engine < 1
+    ):
+        raise tornado.web.HTTPError(
+            400, f"gpus_per_engine must be a whole number of 1 or more, not {per_engine!r}"
+        )
+    return (gpus.strip() or None) if gpus is not None else None, per_engine
 
 
 class ClusterHandler(_WatcherHandler):

@@ -14,7 +14,8 @@ import {
   ICluster,
   IClusterState,
   IEngine,
-  IGpu
+  IGpu,
+  IStartRequest
 } from './types';
 
 const MIN_RETRY_MS = 500;
@@ -211,9 +212,9 @@ export class DistConnection {
     Signal.clearData(this);
   }
 
-  /** Start a local cluster of n engines; resolves with its id. */
-  async startCluster(n: number): Promise<string> {
-    const reply = await this._request(['clusters'], 'POST', { n });
+  /** Start a local cluster (of CPU or GPU engines); resolves with its id. */
+  async startCluster(request: IStartRequest): Promise<string> {
+    const reply = await this._request(['clusters'], 'POST', { ...request });
     return str(isObject(reply) ? reply.cluster_id : '');
   }
 

@@ -5,7 +5,7 @@
 import { ISignal, Signal } from '@lumino/signaling';
 
 import { DistConnection } from './connection';
-import { ClusterEvent, ICluster } from './types';
+import { ClusterEvent, ICluster, IStartRequest } from './types';
 
 /**
  * Where the panel's view of the server stands: not yet told anything, told
@@ -67,8 +67,8 @@ export class DistModel {
     Signal.clearData(this);
   }
 
-  startCluster(n: number): Promise<void> {
-    return this._act(() => this._connection.startCluster(n));
+  startCluster(request: IStartRequest): Promise<void> {
+    return this._act(() => this._connection.startCluster(request));
   }
 
   stopCluster(clusterId: string): Promise<void> {

@@ -6,7 +6,7 @@ import { ReactWidget, UseSignal } from '@jupyterlab/ui-components';
 import React from 'react';
 
 import { DistModel } from './model';
-import { IActor, ICluster, IEngine, IGpu } from './types';
+import { IActor, ICluster, IEngine, IGpu, IStartRequest } from './types';
 
 /** The most engines the server starts in one cluster (MAX_ENGINES in handlers.py). */
 const MAX_ENGINES = 256;
@@ -273,11 +273,43 @@ function ClusterView(props: {
   );
 }
 
+/**
+ * What the start form's fields ask for, or null while they ask for nothing
+ * the server could start. The fields keep the text as typed: clamping on each
+ * keystroke would turn "clear, type 1" into 11.
+ */
+function startRequest(
+  count: string,
+  gpus: string,
+  perEngine: string
+): IStartRequest | null {
+  const request: IStartRequest = { n: null };
+  if (gpus.trim()) {
+    request.gpus = gpus.trim();
+    if (perEngine.trim()) {
+      const per = Number(perEngine);
+      if (!Number.isInteger(per) || per < 1) {
+        return null;
+      }
+      request.gpus_per_engine = per;
+    }
+  }
+  if (count.trim() || !request.gpus) {
+    const n = Number(count);
+    if (!Number.isInteger(n) || n < 1 || n > MAX_ENGINES) {
+      return null;
+    }
+    request.n = n;
+  }
+  return request;
+}
+
 function StartForm(props: { model: DistModel }) {
-  // The text as typed: clamping on each keystroke would turn "clear, type 1" into 11.
   const [count, setCount] = React.useState('2');
-  const n = Number(count);
-  const isValid = Number.isInteger(n) && n >= 1 && n <= MAX_ENGINES;
+  const [gpus, setGpus] = React.useState('');
+  const [perEngine, setPerEngine] = React.useState('');
+  const request = startRequest(count, gpus, perEngine);
+  const hasGpus = gpus.trim() !== '';
   return (
     <div className="jp-dist-StartForm">
       <label>
@@ -288,14 +320,43 @@ function StartForm(props: { model: DistModel }) {
           min={1}
           max={MAX_ENGINES}
           value={count}
-          title={`From 1 to ${MAX_ENGINES} engines`}
+          placeholder={hasGpus ? 'auto' : ''}
+          title={
+            hasGpus
+              ? `From 1 to ${MAX_ENGINES} engines; empty: one per GPU share`
+              : `From 1 to ${MAX_ENGINES} engines`
+          }
           onChange={e => setCount(e.target.value)}
+        />
+      </label>
+      <label>
+        GPUs{' '}
+        <input
+          className="jp-dist-Gpus"
+          type="text"
+          value={gpus}
+          placeholder="none, all, 2 or 0,3"
+          title="The GPUs to give the engines: all, a count (the first ones) or indices; empty: CPU engines"
+          onChange={e => setGpus(e.target.value)}
+        />
+      </label>
+      <label>
+        GPUs per engine{' '}
+        <input
+          className="jp-dist-GpusPerEngine"
+          type="number"
+          min={1}
+          value={perEngine}
+          placeholder="1"
+          disabled={!hasGpus}
+          title="How many of the GPUs each engine gets"
+          onChange={e => setPerEngine(e.target.value)}
         />
       </label>
       <button
         className="jp-mod-styled jp-mod-accept jp-dist-StartButton"
-        disabled={props.model.isBusy || !props.model.isLive || !isValid}
-        onClick={() => void props.model.startCluster(n)}
+        disabled={props.model.isBusy || !props.model.isLive || request === null}
+        onClick={() => request && void props.model.startCluster(request)}
       >
         Start cluster
       </button>

@@ -66,6 +66,15 @@ export interface ICluster {
   state: IClusterState | null;
 }
 
+/** What the panel asks of POST /jupyter-dist/clusters. */
+export interface IStartRequest {
+  /** Engines to start; null: one per GPU share (only with gpus). */
+  n: number | null;
+  /** "all", a count such as "2", or indices such as "0,3"; absent: no GPUs. */
+  gpus?: string;
+  gpus_per_engine?: number;
+}
+
 export type ClusterEvent =
   | { type: 'clusters'; clusters: ICluster[] }
   | { type: 'cluster'; cluster: ICluster }

@@ -21,6 +21,7 @@ import pytest
 
 import jupyter_dist as jd
 from jupyter_dist import connection_file
+from tests.nvidia import has_nvidia_driver
 from tests.waiting import wait_for_exit
 
 if TYPE_CHECKING:
@@ -108,6 +109,35 @@ def test_start_cluster_shows_one_idle_engine_and_stop_ends_its_processes(
     finally:
         for cluster_id in _running_cluster_ids() - before:  # the test failed halfway
             jd.Cluster.connect(cluster_id).stop()
+
+
+@pytest.mark.skipif(has_nvidia_driver(), reason="checks a machine without an NVIDIA driver")
+def test_gpus_all_without_a_driver_shows_the_server_s_reason_and_starts_nothing(
+    open_panel: Callable[[], Locator], save_screenshot: Callable[[str], Path]
+) -> None:
+    expect = playwright_sync.expect
+    before = _running_cluster_ids()
+    panel = open_panel()
+    count = panel.locator(".jp-dist-EngineCount")
+    per_engine = panel.locator(".jp-dist-GpusPerEngine")
+    expect(panel.locator(".jp-dist-Gpus")).to_have_attribute("placeholder", "none, all, 2 or 0,3")
+    expect(per_engine).to_be_disabled()  # without GPUs it means nothing
+
+    panel.locator(".jp-dist-Gpus").fill("all")
+    count.fill("")  # with GPUs: one engine per GPU share
+    expect(per_engine).to_be_enabled()
+    per_engine.fill("1")
+    start = panel.get_by_role("button", name="Start cluster")
+    expect(start).to_be_enabled()
+    start.click()
+
+    error = panel.locator(".jp-dist-Error")
+    expect(error).to_contain_text("NVIDIA GPU and its driver", timeout=START_S * 1000)
+    expect(error).to_contain_text("this machine has none")
+    save_screenshot("panel-gpus-refused")
+    assert panel.evaluate(CLIPPED_JS) == []  # the wider form still fits the default width
+    assert _running_cluster_ids() == before
+    expect(start).to_be_enabled()  # ready for another try
 
 
 def test_restart_button_fits_beside_a_busy_engine_and_replaces_the_engine(

@@ -24,6 +24,8 @@ import tornado.websocket
 
 import jupyter_dist as jd
 from jupyter_dist import connection_file
+from jupyter_dist.gpus import list_gpus
+from tests.nvidia import has_nvidia_driver
 
 Fetch = Callable[..., Any]
 Event = dict[str, Any]
@@ -213,3 +215,82 @@ async def test_unknown_clusters_and_bad_requests_get_4xx(
         with pytest.raises(tornado.httpclient.HTTPClientError) as failed:
             await jp_fetch(*args, **kwargs)
         assert failed.value.code == code
+
+
+async def _refused(jp_fetch: Fetch, body: dict[str, Any]) -> tuple[int, str]:
+    """POST ``body`` to start a cluster, expecting a refusal: its status and message."""
+    with pytest.raises(tornado.httpclient.HTTPClientError) as refused:
+        await jp_fetch("jupyter-dist", "clusters", method="POST", body=json.dumps(body))
+    assert refused.value.response is not None
+    message: str = json.loads(refused.value.response.body)["message"]
+    return refused.value.code, message
+
+
+@pytest.mark.skipif(has_nvidia_driver(), reason="checks a machine without an NVIDIA driver")
+async def test_gpus_without_a_driver_are_refused_before_anything_starts(
+    jp_fetch: Fetch, cleanup_clusters: None
+) -> None:
+    before = sorted(connection_file.runtime_dir().iterdir())
+
+    for body in [{"gpus": "all"}, {"gpus": "0,3", "n": 2}, {"gpus_per_engine": 2}]:
+        code, message = await _refused(jp_fetch, body)
+        assert code == 400, body
+        assert "NVIDIA" in message, message
+        assert "driver" in message, message
+
+    assert sorted(connection_file.runtime_dir().iterdir()) == before  # no connection file, no log
+    assert connection_file.list_running() == []
+
+
+async def test_gpu_fields_of_the_wrong_kind_are_refused_by_name(
+    jp_fetch: Fetch, cleanup_clusters: None
+) -> None:
+    for body, named in [
+        ({"gpus": "all", "gpus_per_engine": 0}, "gpus_per_engine"),
+        ({"gpus": "all", "gpus_per_engine": "2"}, "gpus_per_engine"),
+        ({"gpus": "all", "gpus_per_engine": True}, "gpus_per_engine"),
+        ({"gpus": 2}, "gpus must be text"),
+        ({"gpus": ["0", "3"]}, "gpus must be text"),
+        ({"gpus": "all", "n": "4"}, "n must be"),
+        ({"n": None}, "n must be"),  # without GPUs, nothing says how many engines
+    ]:
+        code, message = await _refused(jp_fetch, body)
+        assert (code, named in message) == (400, True), (body, message)
+
+    assert connection_file.list_running() == []
+
+
+async def test_blank_gpus_start_cpu_engines(jp_fetch: Fetch, cleanup_clusters: None) -> None:
+    reply = await jp_fetch(
+        "jupyter-dist", "clusters", method="POST", body=json.dumps({"n": 1, "gpus": " "})
+    )
+
+    assert reply.code == 201
+    cluster_id = json.loads(reply.body)["cluster_id"]
+    assert [info.cluster_id for _, info in connection_file.list_running()] == [cluster_id]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not has_nvidia_driver(), reason="needs an NVIDIA driver (NVML)")
+async def test_gpus_all_starts_one_engine_per_gpu_each_showing_its_own(
+    jp_fetch: Fetch, jp_ws_fetch: Fetch, cleanup_clusters: None
+) -> None:
+    uuids = [g.uuid for g in list_gpus()]
+    events = await _events(jp_ws_fetch)
+
+    reply = await jp_fetch(
+        "jupyter-dist", "clusters", method="POST", body=json.dumps({"gpus": "all"})
+    )
+
+    cluster_id = json.loads(reply.body)["cluster_id"]
+    await events.until(
+        lambda: (
+            len(events.engines(cluster_id)) == len(uuids)
+            and all(e["state"] == "idle" and e["gpus"] for e in events.engines(cluster_id))
+        ),
+        60,
+        "one idle engine per GPU, each with its GPU sampled",
+    )
+    shown = [[g["uuid"] for g in e["gpus"]] for e in events.engines(cluster_id)]
+    assert sorted(shown) == sorted([u] for u in uuids)
+    assert all(e["gpus"][0]["index"] == 0 for e in events.engines(cluster_id))
