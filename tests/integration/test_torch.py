@@ -17,6 +17,7 @@ from jupyter_dist import connection_file
 from jupyter_dist.launchers import local
 from tests.conftest import _run_cluster
 from tests.integration.kernel_session import KernelSession
+from tests.nvidia import has_nvidia_driver
 
 ALL_REDUCE = (
     "import torch, torch.distributed as dist\n"
@@ -180,15 +181,9 @@ def test_nccl_is_refused_clearly_on_engines_without_gpus(cluster: jd.Cluster) ->
 
 
 def test_gpus_without_a_driver_is_a_clear_error_before_anything_starts(runtime_dir: Path) -> None:
-    before = set(runtime_dir.glob("jupyter-dist-*.json"))
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-    except Exception:
-        pass
-    else:
+    if has_nvidia_driver():
         pytest.skip("this machine has an NVIDIA driver")
+    before = set(runtime_dir.glob("jupyter-dist-*.json"))
     with pytest.raises(jd.LauncherError, match="no NVIDIA driver") as raised:
         jd.Cluster.start(gpus="all")
     assert "without --gpus" in str(raised.value)

@@ -14,6 +14,7 @@ from jupyter_dist import shm
 from jupyter_dist.engine import metrics
 from jupyter_dist.engine.metrics import MetricsSampler
 from jupyter_dist.gpus import NvmlGpuProbe, parse_visible_devices
+from tests.nvidia import has_nvidia_driver
 from tests.unit.fake_gpus import FakeDevice, FakeGpuProbe, FakeNvml
 
 UUIDS = [
@@ -31,19 +32,6 @@ def _nvml() -> FakeNvml:
             FakeDevice(UUIDS[2], utilization_percent=30),
         ]
     )
-
-
-def _has_real_nvml() -> bool:
-    try:
-        import pynvml
-    except ImportError:
-        return False
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError:
-        return False
-    pynvml.nvmlShutdown()
-    return True
 
 
 @pytest.mark.parametrize(
@@ -211,7 +199,7 @@ def test_engine_memory_leaves_out_segments_only_kept_mapped_for_the_next_transfe
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not _has_real_nvml(), reason="needs an NVIDIA driver (NVML)")
+@pytest.mark.skipif(not has_nvidia_driver(), reason="needs an NVIDIA driver (NVML)")
 def test_the_real_nvml_reports_each_visible_gpu() -> None:
     probe = NvmlGpuProbe()
     try:
