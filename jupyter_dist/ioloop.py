@@ -15,6 +15,7 @@ import heapq
 import itertools
 import logging
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -58,6 +59,8 @@ class IOLoop:
         self._is_wake_pending = False
         self._is_running = False
         self._turn_end: list[Callable[[], Any]] = []
+        self._pipe_lock = threading.Lock()
+        self._is_closed = False
 
     def add_socket(
         self, sock: zmq.Socket[Any], on_message: Callable[[list[zmq.Frame]], None]
@@ -107,8 +110,11 @@ class IOLoop:
         self._calls.append(callback)
         if not self._is_wake_pending:
             self._is_wake_pending = True
-            with contextlib.suppress(BlockingIOError):  # a full pipe: the loop wakes anyway
-                os.write(self._wake_w, b"x")
+            # Under the lock that close() takes: a call racing the loop's end must not write
+            # to a closed descriptor, or worse, to a file that reused its number meanwhile.
+            with self._pipe_lock, contextlib.suppress(BlockingIOError):  # full: it wakes anyway
+                if not self._is_closed:
+                    os.write(self._wake_w, b"x")
 
     def stop(self) -> None:
         """End ``run()`` after the current iteration; safe from any thread."""
@@ -191,6 +197,10 @@ class IOLoop:
             logger.exception("error in I/O loop callback %r", callback)
 
     def close(self) -> None:
-        """Release the wake-up pipe (sockets belong to their owners)."""
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        """Release the wake-up pipe (sockets belong to their owners); later calls are dropped."""
+        with self._pipe_lock:
+            if self._is_closed:
+                return
+            self._is_closed = True
+            os.close(self._wake_r)
+            os.close(self._wake_w)

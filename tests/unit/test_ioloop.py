@@ -361,3 +361,20 @@ def test_a_file_reader_runs_while_its_file_is_readable_until_removed(loop: IOLoo
     join(loop, thread)
     os.close(read_fd)
     assert seen == [b"exited 42\n"]
+
+
+def test_a_stop_after_the_loop_closed_writes_nowhere() -> None:
+    # A client's close() can race its I/O thread ending the loop itself (the controller
+    # gone): the stop must not write to the closed pipe, nor to a file reusing its number.
+    loop = IOLoop()
+    loop.close()
+    read_end, write_end = os.pipe()  # likely takes the numbers the wake-up pipe had
+    try:
+        loop.stop()
+        loop.close()
+        os.set_blocking(read_end, False)
+        with pytest.raises(BlockingIOError):
+            os.read(read_end, 1)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
