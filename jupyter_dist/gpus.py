@@ -184,7 +184,7 @@ def open_nvml(nvml: ModuleType | Any = None) -> Any:
     try:
         nvml.nvmlInit()
     except nvml.NVMLError as e:
-        raise NvmlUnavailableError(f"NVML cannot start ({e}): no NVIDIA driver here") from e
+        raise NvmlUnavailableError(f"this machine has no NVIDIA driver (NVML: {e})") from e
     return nvml
 
 

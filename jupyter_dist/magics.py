@@ -213,7 +213,10 @@ class DistMagics(Magics):
             )
         if args.n is not None and args.n < 1:
             raise UsageError(f"%dist start: -n must be at least 1, not {args.n}.")
-        cluster = jd.Cluster.start(**start_options(args))
+        try:
+            cluster = jd.Cluster.start(**start_options(args))
+        except jd.LauncherError as e:  # the machine or the options: the message is the story
+            raise UsageError(f"%dist start: {e}") from e
         self._use(cluster, is_owner=True)
         n = len(cluster.engine_ids)
         limit = f" of at most {format_nbytes(args.memory_limit)} each" if args.memory_limit else ""

@@ -25,7 +25,7 @@ def machine_gpus() -> list[GpuInfo]:
         return list_gpus()
     except NvmlUnavailableError as e:
         raise LauncherError(
-            f"GPU engines need an NVIDIA GPU and its driver, and this machine has none ({e}). "
+            f"GPU engines need an NVIDIA GPU and its driver, but {e}. "
             "Start without --gpus for CPU engines."
         ) from e
 

@@ -133,7 +133,7 @@ def test_gpus_all_without_a_driver_shows_the_server_s_reason_and_starts_nothing(
 
     error = panel.locator(".jp-dist-Error")
     expect(error).to_contain_text("NVIDIA GPU and its driver", timeout=START_S * 1000)
-    expect(error).to_contain_text("this machine has none")
+    expect(error).to_contain_text("this machine has no NVIDIA driver")
     save_screenshot("panel-gpus-refused")
     assert panel.evaluate(CLIPPED_JS) == []  # the wider form still fits the default width
     assert _running_cluster_ids() == before

@@ -230,6 +230,10 @@ def test_magics_form_the_group_and_form_it_again_after_a_restart(runtime_dir: Pa
     kernel = KernelSession({**os.environ, "JUPYTER_RUNTIME_DIR": str(runtime_dir)})
     try:
         kernel.run("%load_ext jupyter_dist")
+        if not has_nvidia_driver():
+            refused = kernel.run("%dist start --gpus all").text("stderr")
+            assert "UsageError: %dist start: GPU engines need" in refused  # no traceback
+            assert "has no NVIDIA driver" in refused
         started = kernel.run("%dist start -n 2 --torch --torch-timeout 30")
         assert started.error is None, started.error
         assert "Formed the torch.distributed group (gloo, world size 2" in started.text()
