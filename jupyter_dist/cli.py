@@ -18,6 +18,8 @@ from jupyter_dist.errors import JupyterDistError
 from jupyter_dist.quantities import argument_type, parse_duration_s, parse_nbytes
 from jupyter_dist.torch_group import DEFAULT_TIMEOUT_S
 
+# Modules an engine template may import before forking: large, and safe to fork after.
+PRELOADS = ("torch",)
 LOG_FORMAT = "%(asctime)s %(name)s [%(process)d] %(levelname)s %(message)s"
 
 
@@ -94,7 +96,7 @@ def _cmd_controller(args: argparse.Namespace) -> int:
         cluster_id=args.cluster_id,
         ip=args.ip,
         start_engine=lambda path, engine_id, environ: local.start_engine(
-            path, engine_id, environ, args.log_level
+            path, engine_id, environ, args.log_level, args.preload
         ),
         orphan_timeout_s=args.orphan_timeout,
         idle_timeout_s=args.idle_timeout,
@@ -132,6 +134,11 @@ def _cmd_engine_template(args: argparse.Namespace) -> int:
     # Imported here, once: every engine forked below shares these pages.
     from jupyter_dist.engine.app import Engine
     from jupyter_dist.launchers import template
+
+    if (
+        "torch" in args.preload
+    ):  # a CPU library import: CUDA stays untouched until an engine uses it
+        import torch.distributed  # noqa: F401
 
     def run_engine(request: dict[str, Any]) -> int:
         Engine(connection_file.read(request["connection_file"]), request["engine_id"]).run()
@@ -252,6 +259,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="CUDA_VISIBLE_DEVICES of the next engine (given once per engine, in id order)",
     )
+    controller.add_argument(
+        "--preload",
+        action="append",
+        default=[],
+        choices=PRELOADS,
+        help="a module the engines' template imports once for all engines (torch)",
+    )
     controller.set_defaults(run=_cmd_controller)
 
     engine = sub.add_parser("engine", help="run an engine (launchers use this)")
@@ -264,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
         "engine-template", help="fork local engines on request (the controller runs this)"
     )
     engine_template.add_argument("--log-level", default="INFO")
+    engine_template.add_argument("--preload", action="append", default=[], choices=PRELOADS)
     engine_template.set_defaults(run=_cmd_engine_template)
     return parser
 

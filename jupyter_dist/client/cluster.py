@@ -150,7 +150,8 @@ class Cluster(View):
             ``CUDA_VISIBLE_DEVICES``, so its GPU is its ``cuda:0``.
         torch, torch_timeout
             Form a torch.distributed group over the engines once they are up
-            (``c.torch(timeout=torch_timeout)``).
+            (``c.torch(timeout=torch_timeout)``). The engines come with torch
+            imported: their template imports it once (never touching CUDA).
         idle_timeout
             Seconds, or a text like ``"30m"`` or ``"2h"``: the cluster stops
             itself (engines, shared memory, connection file) once it has had
@@ -193,6 +194,7 @@ class Cluster(View):
             idle_timeout_s=idle_timeout_s,
             memory_limit_bytes=memory_limit_bytes,
             engine_gpus=engine_gpus,
+            preload=("torch",) if torch else (),
         )
         path = connection_file.path_for(cluster_id)
         deadline = time.monotonic() + timeout_s

@@ -12,6 +12,7 @@ import logging
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from jupyter_dist.launchers.template import EngineTemplate, ForkedEngine
@@ -52,10 +53,13 @@ def start_controller(
     idle_timeout_s: float | None = None,
     memory_limit_bytes: int | None = None,
     engine_gpus: list[str] | None = None,
+    preload: Sequence[str] = (),
 ) -> LocalProcess:
     """Start a detached controller that starts ``n_engines`` local engines itself.
 
-    ``engine_gpus[k]`` is engine k's ``CUDA_VISIBLE_DEVICES`` (GPU UUIDs, not secret).
+    ``engine_gpus[k]`` is engine k's ``CUDA_VISIBLE_DEVICES`` (GPU UUIDs, not
+    secret); ``preload`` names modules the engines' template imports once
+    (``"torch"``), so each engine has them without importing them itself.
     """
     args = [
         sys.executable, "-m", "jupyter_dist.cli", "controller",
@@ -67,6 +71,8 @@ def start_controller(
         args += ["--memory-limit", str(memory_limit_bytes)]
     for visible in engine_gpus or ():
         args += ["--engine-gpus", visible]
+    for module in preload:
+        args += ["--preload", module]
     return _spawn(args, log_dir / f"jupyter-dist-{cluster_id}-controller.log", new_session=True)
 
 
@@ -75,6 +81,7 @@ def start_engine(
     engine_id: int | None,
     environ: dict[str, str],
     log_level: str = "INFO",
+    preload: Sequence[str] = (),
 ) -> LocalProcess | ForkedEngine:
     """Start one engine that connects with ``connection_path`` (asking for ``engine_id``).
 
@@ -83,35 +90,40 @@ def start_engine(
     (started on first use), or started fresh when the template cannot be had.
     """
     log_path = _engine_log_path(connection_path)
-    template = _template_for(log_level)
+    key = (log_level, tuple(preload))
+    template = _template_for(key)
     if template is not None:
         request = {"connection_file": connection_path, "engine_id": engine_id, "environ": environ}
         try:
             pid = template.fork({**request, "log_path": str(log_path)})
         except (OSError, TimeoutError) as e:
             logger.warning("the engine template failed (%s); starting engines fresh", e)
-            _templates.pop(log_level, None)
+            _templates.pop(key, None)
         else:
             logger.info("forked engine pid %d from the template (log %s)", pid, log_path)
             return ForkedEngine(template, pid, str(log_path))
     return _spawn_engine(connection_path, engine_id, environ, log_level, log_path)
 
 
-_templates: dict[str, EngineTemplate] = {}
+# One template per (log level, modules it preloads).
+_templates: dict[tuple[str, tuple[str, ...]], EngineTemplate] = {}
 
 
-def _template_for(log_level: str) -> EngineTemplate | None:
-    """This process's engine template (one per log level), started on first use."""
-    template = _templates.get(log_level)
+def _template_for(key: tuple[str, tuple[str, ...]]) -> EngineTemplate | None:
+    """This process's engine template for ``key``, started on first use."""
+    template = _templates.get(key)
     if template is not None and template.is_alive():
         return template
+    log_level, preload = key
     args = [sys.executable, "-m", "jupyter_dist.cli", "engine-template", "--log-level", log_level]
+    for module in preload:
+        args += ["--preload", module]
     try:
         template = EngineTemplate(args)
     except OSError as e:
         logger.warning("cannot start the engine template (%s); starting engines fresh", e)
         return None
-    _templates[log_level] = template
+    _templates[key] = template
     return template
 
 

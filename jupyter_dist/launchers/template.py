@@ -5,8 +5,10 @@ module, cloudpickle): about a quarter of a second of CPU each, which on a
 small machine makes eight engines take seconds. The template imports all
 of that once, then forks an engine per request; the children share the
 imported pages copy-on-write, so each one also holds less memory of its
-own. The template never creates a ZeroMQ context and never imports torch
-or touches CUDA, so nothing a child needs is broken by the fork.
+own. The template never creates a ZeroMQ context and never touches CUDA,
+so nothing a child needs is broken by the fork; it imports torch only when
+asked to preload it (a cluster started with ``torch=True``), and importing
+torch initialises no CUDA.
 
 The controller talks to the template over a pair of pipes, one JSON object
 a line: requests ``{"connection_file", "engine_id", "environ", "log_path"}`` on its

@@ -216,14 +216,22 @@ def test_each_engine_gets_its_own_visible_devices_also_after_a_restart(
         process.wait()
 
 
-def test_the_engine_template_never_loads_torch(group_cluster: jd.Cluster) -> None:
-    group_cluster.run("import torch")  # the engines have torch; their template must not
-    controller = psutil.Process(connection_file.read(group_cluster.connection_file).controller_pid)
+def _template_maps(c: jd.Cluster) -> str:
+    controller = psutil.Process(connection_file.read(c.connection_file).controller_pid)
     templates = [p for p in controller.children() if "engine-template" in " ".join(p.cmdline())]
     assert templates, "the controller has no engine template"
-    maps = Path(f"/proc/{templates[0].pid}/maps").read_text()
-    assert "libtorch" not in maps
-    assert "libcuda" not in maps
+    return Path(f"/proc/{templates[0].pid}/maps").read_text()
+
+
+def test_engine_templates_never_touch_cuda_and_load_torch_only_when_asked(
+    cluster: jd.Cluster, group_cluster: jd.Cluster
+) -> None:
+    group_cluster.run("import torch")  # the engines have torch and may use CUDA; not the template
+    plain, with_torch = _template_maps(cluster), _template_maps(group_cluster)
+    assert "libtorch" not in plain
+    assert "libtorch" in with_torch  # torch=True: imported once, for every engine it forks
+    assert "libcuda.so" not in plain  # the driver loads only when CUDA is initialised
+    assert "libcuda.so" not in with_torch
 
 
 def test_magics_form_the_group_and_form_it_again_after_a_restart(runtime_dir: Path) -> None:
