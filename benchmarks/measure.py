@@ -1,9 +1,11 @@
 """Timing, memory and CPU measurements shared by the peers, and the peers' command line.
 
-Every peer module calls ``peer_main(run)``: it parses ``--out FILE`` and
-``--quick``, calls ``run(sizes, samples)`` and writes the samples it
-collected as JSON, also when a figure fails half way (the parent shows
-what came back and n/a for the rest).
+Every peer module calls ``peer_main({group: run, ...})`` with a function
+for each group of figures it measures (``core``, ``torch``): it parses
+``--out FILE``, ``--quick`` and ``--figures GROUPS``, calls ``run(sizes,
+samples)`` of each group asked for and writes the samples it collected as
+JSON, also when a figure fails half way (the parent shows what came back
+and n/a for the rest).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 import traceback
@@ -34,6 +37,25 @@ def _seconds_each(fn: Callable[[], Any], reps: int, warmup: int) -> list[float]:
         fn()
         out.append(time.perf_counter() - start)
     return out
+
+
+def seconds(fn: Callable[[], Any]) -> float:
+    """Seconds of one call of ``fn``, for what can only be done once (a start, a first import)."""
+    return _seconds_each(fn, reps=1, warmup=0)[0]
+
+
+def import_seconds(statement: str, reps: int) -> list[float]:
+    """Seconds ``statement`` (an import) takes in each of ``reps`` fresh interpreters,
+    not counting the interpreter's own start."""
+    timed = f"import time; b = time.perf_counter(); {statement}; print(time.perf_counter() - b)"
+    return [
+        float(
+            subprocess.run(
+                [sys.executable, "-c", timed], capture_output=True, check=True, text=True
+            ).stdout
+        )
+        for _ in range(reps)
+    ]
 
 
 def timed_ms(fn: Callable[[], Any], reps: int, warmup: int = 2) -> list[float]:
@@ -201,20 +223,30 @@ def run_clusters(
         record(samples, f"stop_{key}", stop(handle))
 
 
-def peer_main(run: Callable[[Sizes, Samples], None]) -> int:
-    """Run one peer's figures and write ``{"samples": ..., "versions": ..., "error": ...}``."""
+def peer_main(groups: dict[str, Callable[[Sizes, Samples], None]]) -> int:
+    """Run one peer's figures and write ``{"samples": ..., "error": ..., "pid": ...}``.
+
+    ``--figures core,torch`` picks the groups (all of this peer's by default);
+    a group this peer does not measure is skipped, and one that fails does
+    not keep the next from running.
+    """
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--figures", default=",".join(groups))
     args = parser.parse_args()
     sizes = Sizes.quick() if args.quick else Sizes()
     samples: Samples = {}
     error = ""
-    try:
-        run(sizes, samples)
-    except Exception:
-        error = traceback.format_exc()
-        print(error, file=sys.stderr)
+    for name in args.figures.split(","):
+        if name not in groups:
+            continue
+        try:
+            groups[name](sizes, samples)
+        except Exception:
+            failed = traceback.format_exc()
+            print(failed, file=sys.stderr)
+            error += failed
     with open(args.out, "w") as f:
         json.dump({"samples": samples, "error": error, "pid": os.getpid()}, f)
     return 1 if error else 0

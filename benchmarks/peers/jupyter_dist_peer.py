@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from functools import partial
 
 import numpy as np
 
@@ -10,6 +11,7 @@ import jupyter_dist as jd
 from benchmarks.figures import Sizes
 from benchmarks.measure import (
     Samples,
+    import_seconds,
     mb_per_s,
     peer_main,
     rate,
@@ -17,6 +19,7 @@ from benchmarks.measure import (
     record_idle,
     record_timed_with_cpu,
     run_clusters,
+    seconds,
     timed_ms,
 )
 from jupyter_dist import connection_file
@@ -74,5 +77,36 @@ def run(sizes: Sizes, samples: Samples) -> None:
     run_clusters(sizes, samples, start, stop, small_cluster_figures, large_cluster_figures)
 
 
+FIRST_ALL_REDUCE = "import torch, torch.distributed as dist; t = torch.ones(1); dist.all_reduce(t)"
+
+
+def torch_start(sizes: Sizes, samples: Samples) -> None:
+    """From the call to ``Cluster.start(torch=True)`` to the first all_reduce returning on every
+    engine, a fresh cluster each time; then the same start step by step on fresh clusters."""
+    n = sizes.engines_large
+    record(
+        samples,
+        "torch_import_launcher",
+        import_seconds("import jupyter_dist", sizes.torch_start_reps),
+    )
+    for _ in range(sizes.torch_start_reps):
+        begin = time.perf_counter()
+        with jd.Cluster.start(n=n, torch=True, timeout_s=300) as c:  # stopped on leaving
+            c.run(FIRST_ALL_REDUCE)
+            record(samples, "torch_start", time.perf_counter() - begin)
+            c.run(f"assert t.item() == {n}, t")
+    steps = {
+        "torch_step_import": lambda c: c.run("import torch.distributed"),
+        "torch_step_group": lambda c: c.torch(),
+        "torch_step_all_reduce": lambda c: c.run(FIRST_ALL_REDUCE),
+    }
+    for _ in range(sizes.torch_start_reps):
+        c, took = start(n)
+        with c:
+            record(samples, "torch_step_start", took)
+            for key, step in steps.items():
+                record(samples, key, seconds(partial(step, c)))
+
+
 if __name__ == "__main__":
-    raise SystemExit(peer_main(run))
+    raise SystemExit(peer_main({"core": run, "torch": torch_start}))

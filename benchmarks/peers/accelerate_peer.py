@@ -1,0 +1,64 @@
+"""accelerate under the torch start-up figure: ``notebook_launcher`` to the first all_reduce.
+
+Each start runs in a fresh interpreter, as in a fresh notebook kernel:
+``from accelerate import notebook_launcher`` (which imports torch) is timed
+on its own as the launcher's import, then the figure runs from the call
+``notebook_launcher(first_all_reduce, num_processes=N)`` to the moment the
+last rank's first all_reduce returned. The launcher forks its N ranks from
+that process, so they find torch imported already.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from benchmarks.figures import Sizes
+from benchmarks.measure import Samples, peer_main, record
+from benchmarks.peers.torch_worker import last_rank_done
+
+# Run in the fresh interpreter with argv: out_dir, ranks, port. Writes "imported called".
+LAUNCH = """
+import sys, time
+from pathlib import Path
+begin = time.monotonic()
+from accelerate import notebook_launcher
+imported = time.monotonic()
+from benchmarks.peers.torch_worker import first_all_reduce
+out, n, port = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+called = time.monotonic()
+notebook_launcher(first_all_reduce, (out,), num_processes=n, use_port=port)
+Path(out, "launcher").write_text(f"{imported - begin} {called}")
+"""
+
+
+def _free_port() -> str:
+    """A port for the launcher's rendezvous: its default, 29500, may be taken on a shared machine."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
+
+
+def torch_start(sizes: Sizes, samples: Samples) -> None:
+    n = sizes.engines_large
+    for _ in range(sizes.torch_start_reps):
+        with tempfile.TemporaryDirectory(prefix="bench-accelerate-") as out:
+            proc = subprocess.run(
+                [sys.executable, "-c", LAUNCH, out, str(n), _free_port()],
+                capture_output=True,
+                text=True,
+                timeout=300,
+                check=False,
+            )
+            if proc.returncode != 0:
+                raise RuntimeError(f"the launcher exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+            imported_s, called = (float(v) for v in Path(out, "launcher").read_text().split())
+            record(samples, "torch_import_launcher", imported_s)
+            record(samples, "torch_start", last_rank_done(out, n) - called)
+
+
+if __name__ == "__main__":
+    raise SystemExit(peer_main({"torch": torch_start}))
