@@ -131,6 +131,12 @@ def torch_catalog(sizes: Sizes) -> list[Figure]:
             True,
             floor="floor_torch_import",
         ),
+        Figure(
+            "torch_start_failed",
+            f"starts that failed or hung past 2 min (of {sizes.torch_start_reps})",
+            "starts",
+            True,
+        ),
         Figure("torch_step_start", f"step: start {n} engines (until ready)", "s", True),
         Figure("torch_step_import", f"step: `import torch.distributed` on {n} engines", "s", True),
         Figure("torch_step_group", "step: form the group (`c.torch()`), torch imported", "s", True),
@@ -173,6 +179,8 @@ def summary(samples: list[float]) -> tuple[float, float, float]:
 
 
 def _fmt(value: float) -> str:
+    if value == 0:
+        return "0"  # a count of failures
     if value >= 1000:
         return f"{value:,.0f}"
     if value >= 10:

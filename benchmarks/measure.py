@@ -11,8 +11,10 @@ and n/a for the rest).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -56,6 +58,42 @@ def import_seconds(statement: str, reps: int) -> list[float]:
         )
         for _ in range(reps)
     ]
+
+
+def record_starts(samples: Samples, key: str, start_once: Callable[[], float], reps: int) -> None:
+    """Record the seconds ``start_once()`` returns for each of ``reps`` starts as ``key``,
+    and as ``key_failed`` how many raised (failed, or hung past their timeout).
+
+    A failed start says why on stderr and is left out of the times, so one
+    hiccup of a loaded machine shows in its own row instead of blanking the figure.
+    """
+    failed = 0
+    for _ in range(reps):
+        try:
+            record(samples, key, start_once())
+        except Exception:
+            failed += 1
+            print(f"  a start failed ({key}):\n{traceback.format_exc()}", file=sys.stderr)
+    record(samples, f"{key}_failed", float(failed))
+
+
+def run_to_end(cmd: list[str], timeout_s: float) -> None:
+    """Run ``cmd`` with its output captured; on a non-zero exit, or past ``timeout_s``,
+    raise with its output's end. Every process it started (its session) ends with it."""
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        output, _ = proc.communicate(timeout=timeout_s)
+        outcome = f"exited {proc.returncode}"
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        outcome = f"hung for {timeout_s:.0f} s"
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)  # what it left behind, if anything
+    if outcome != "exited 0":
+        raise RuntimeError(f"{' '.join(cmd[:3])} {outcome}; its output ended:\n{output[-3000:]}")
 
 
 def timed_ms(fn: Callable[[], Any], reps: int, warmup: int = 2) -> list[float]:

@@ -11,14 +11,13 @@ that process, so they find torch imported already.
 from __future__ import annotations
 
 import socket
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from benchmarks.figures import Sizes
-from benchmarks.measure import Samples, peer_main, record
-from benchmarks.peers.torch_worker import last_rank_done
+from benchmarks.measure import Samples, peer_main, record, record_starts, run_to_end
+from benchmarks.peers.torch_worker import START_TIMEOUT_S, last_rank_done
 
 # Run in the fresh interpreter with argv: out_dir, ranks, port. Writes "imported called".
 LAUNCH = """
@@ -44,20 +43,15 @@ def _free_port() -> str:
 
 def torch_start(sizes: Sizes, samples: Samples) -> None:
     n = sizes.engines_large
-    for _ in range(sizes.torch_start_reps):
+
+    def start_once() -> float:
         with tempfile.TemporaryDirectory(prefix="bench-accelerate-") as out:
-            proc = subprocess.run(
-                [sys.executable, "-c", LAUNCH, out, str(n), _free_port()],
-                capture_output=True,
-                text=True,
-                timeout=300,
-                check=False,
-            )
-            if proc.returncode != 0:
-                raise RuntimeError(f"the launcher exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+            run_to_end([sys.executable, "-c", LAUNCH, out, str(n), _free_port()], START_TIMEOUT_S)
             imported_s, called = (float(v) for v in Path(out, "launcher").read_text().split())
             record(samples, "torch_import_launcher", imported_s)
-            record(samples, "torch_start", last_rank_done(out, n) - called)
+            return last_rank_done(out, n) - called
+
+    record_starts(samples, "torch_start", start_once, sizes.torch_start_reps)
 
 
 if __name__ == "__main__":

@@ -17,11 +17,13 @@ from benchmarks.measure import (
     rate,
     record,
     record_idle,
+    record_starts,
     record_timed_with_cpu,
     run_clusters,
     seconds,
     timed_ms,
 )
+from benchmarks.peers.torch_worker import START_TIMEOUT_S
 from jupyter_dist import connection_file
 
 
@@ -89,23 +91,30 @@ def torch_start(sizes: Sizes, samples: Samples) -> None:
         "torch_import_launcher",
         import_seconds("import jupyter_dist", sizes.torch_start_reps),
     )
-    for _ in range(sizes.torch_start_reps):
+
+    def start_once() -> float:
         begin = time.perf_counter()
-        with jd.Cluster.start(n=n, torch=True, timeout_s=300) as c:  # stopped on leaving
+        with jd.Cluster.start(n=n, torch=True, timeout_s=START_TIMEOUT_S) as c:  # stops it
             c.run(FIRST_ALL_REDUCE)
-            record(samples, "torch_start", time.perf_counter() - begin)
+            took = time.perf_counter() - begin
             c.run(f"assert t.item() == {n}, t")
+        return took
+
     steps = {
         "torch_step_import": lambda c: c.run("import torch.distributed"),
         "torch_step_group": lambda c: c.torch(),
         "torch_step_all_reduce": lambda c: c.run(FIRST_ALL_REDUCE),
     }
-    for _ in range(sizes.torch_start_reps):
+
+    def start_step_by_step() -> float:
         c, took = start(n)
         with c:
-            record(samples, "torch_step_start", took)
             for key, step in steps.items():
                 record(samples, key, seconds(partial(step, c)))
+        return took
+
+    record_starts(samples, "torch_start", start_once, sizes.torch_start_reps)
+    record_starts(samples, "torch_step_start", start_step_by_step, sizes.torch_start_reps)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+START_TIMEOUT_S = 120.0  # a start not at its first all_reduce by then hung (counted, and killed)
+
 
 def first_all_reduce(out_dir: str) -> None:
     """Join the group the launcher set up, all_reduce a one, write the time it returned."""

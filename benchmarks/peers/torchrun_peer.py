@@ -10,35 +10,32 @@ in it, and the ranks' exit is not.
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import tempfile
 import time
 
 from benchmarks.figures import Sizes
-from benchmarks.measure import Samples, peer_main, record
-from benchmarks.peers.torch_worker import last_rank_done
+from benchmarks.measure import Samples, peer_main, record_starts, run_to_end
+from benchmarks.peers.torch_worker import START_TIMEOUT_S, last_rank_done
 
 
 def torch_start(sizes: Sizes, samples: Samples) -> None:
     n = sizes.engines_large
-    for _ in range(sizes.torch_start_reps):
+
+    def start_once() -> float:
         with tempfile.TemporaryDirectory(prefix="bench-torchrun-") as out:
             begin = time.monotonic()
-            proc = subprocess.run(
+            run_to_end(
                 [
                     *(sys.executable, "-m", "torch.distributed.run"),
                     *("--nproc-per-node", str(n), "--standalone"),
                     *("-m", "benchmarks.peers.torch_worker", out),
                 ],
-                capture_output=True,
-                text=True,
-                timeout=300,
-                check=False,
+                START_TIMEOUT_S,
             )
-            if proc.returncode != 0:
-                raise RuntimeError(f"torchrun exited {proc.returncode}:\n{proc.stderr[-3000:]}")
-            record(samples, "torch_start", last_rank_done(out, n) - begin)
+            return last_rank_done(out, n) - begin
+
+    record_starts(samples, "torch_start", start_once, sizes.torch_start_reps)
 
 
 if __name__ == "__main__":
