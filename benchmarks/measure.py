@@ -77,9 +77,10 @@ def record_starts(samples: Samples, key: str, start_once: Callable[[], float], r
     record(samples, f"{key}_failed", float(failed))
 
 
-def run_to_end(cmd: list[str], timeout_s: float) -> None:
-    """Run ``cmd`` with its output captured; on a non-zero exit, or past ``timeout_s``,
-    raise with its output's end. Every process it started (its session) ends with it."""
+def run_to_end(name: str, cmd: list[str], timeout_s: float) -> None:
+    """Run ``cmd`` (``name`` in messages) with its output captured; on a non-zero exit, or
+    past ``timeout_s``, raise with its output's end. Every process it started (its
+    session) ends with it."""
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )
@@ -93,7 +94,7 @@ def run_to_end(cmd: list[str], timeout_s: float) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)  # what it left behind, if anything
     if outcome != "exited 0":
-        raise RuntimeError(f"{' '.join(cmd[:3])} {outcome}; its output ended:\n{output[-3000:]}")
+        raise RuntimeError(f"{name} {outcome}; its output ended:\n{output[-3000:]}")
 
 
 def timed_ms(fn: Callable[[], Any], reps: int, warmup: int = 2) -> list[float]:

@@ -46,7 +46,8 @@ def torch_start(sizes: Sizes, samples: Samples) -> None:
 
     def start_once() -> float:
         with tempfile.TemporaryDirectory(prefix="bench-accelerate-") as out:
-            run_to_end([sys.executable, "-c", LAUNCH, out, str(n), _free_port()], START_TIMEOUT_S)
+            launch = [sys.executable, "-c", LAUNCH, out, str(n), _free_port()]
+            run_to_end("notebook_launcher", launch, START_TIMEOUT_S)
             imported_s, called = (float(v) for v in Path(out, "launcher").read_text().split())
             record(samples, "torch_import_launcher", imported_s)
             return last_rank_done(out, n) - called

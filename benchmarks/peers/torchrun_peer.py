@@ -26,6 +26,7 @@ def torch_start(sizes: Sizes, samples: Samples) -> None:
         with tempfile.TemporaryDirectory(prefix="bench-torchrun-") as out:
             begin = time.monotonic()
             run_to_end(
+                "torchrun",
                 [
                     *(sys.executable, "-m", "torch.distributed.run"),
                     *("--nproc-per-node", str(n), "--standalone"),
