@@ -46,7 +46,8 @@ fuzz: $(STAMP)
 	JUPYTER_DIST_FUZZ_MESSAGES=100000 $(BIN)/python -m pytest -p no:cacheprovider -p no:logging -s --timeout 1800 \
 		tests/integration/test_wire_fuzz.py
 
-# Installs the peers (ipyparallel, Dask, Ray) and prints the side-by-side table (benchmarks/RESULTS.md).
+# Installs the peers (ipyparallel, Dask, Ray, accelerate) and prints the side-by-side tables
+# (benchmarks/RESULTS.md).
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
 	$(BIN)/python -m benchmarks --json benchmarks/last-run.json

@@ -1,14 +1,20 @@
-"""The figures every peer reports, the sizes of the work, and the table that compares them.
+"""The figures every peer reports, the sizes of the work, and the tables that compare them.
 
 A figure is a key, a label, a unit and a direction (lower or higher is
 better). Each peer returns ``{key: [sample, ...]}``; a key a peer has no
 equivalent for is left out and shows as n/a. Ratios are always "how many
 times better jupyter-dist is": above 1 it wins, below 1 it loses.
+
+Figures come in groups, each printed as a table of its own beside its own
+peers: ``core`` (issue 5: messages, transfers, start and stop, memory)
+against ipyparallel, Dask and Ray, and ``torch`` (issue 13: start-up to the
+first torch.distributed collective) against torchrun and accelerate.
 """
 
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -31,6 +37,7 @@ class Sizes:
     idle_window_s: float = 5.0
     settle_s: float = 2.0
     pipelined_msgs: int = 50_000
+    torch_start_reps: int = 5
 
     @classmethod
     def quick(cls) -> Sizes:
@@ -47,6 +54,7 @@ class Sizes:
             idle_window_s=0.2,
             settle_s=0.0,
             pipelined_msgs=200,
+            torch_start_reps=1,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -59,6 +67,7 @@ class Figure:
     label: str
     unit: str
     is_lower_better: bool
+    floor: str = ""  # the floors' figure shown (and compared) in this figure's row, if any
 
 
 def catalog(sizes: Sizes) -> list[Figure]:
@@ -105,8 +114,63 @@ def catalog(sizes: Sizes) -> list[Figure]:
     ]
 
 
-PEERS = ["jupyter_dist", "ipyparallel", "dask", "ray", "floors"]
-COMPARED = ["ipyparallel", "dask", "ray"]
+def torch_catalog(sizes: Sizes) -> list[Figure]:
+    """The start-up figures of issue 13: from nothing to the first all_reduce of a gloo group.
+
+    The first row is the whole start, the same for every peer; the
+    ``torch_step_*`` rows take jupyter-dist's start apart on clusters of
+    their own, and ``torch_import_launcher`` is what a fresh notebook pays
+    to import the launcher before its first start.
+    """
+    n = sizes.engines_large
+    return [
+        Figure(
+            "torch_start",
+            f"start {n} processes with a gloo group, to the first all_reduce",
+            "s",
+            True,
+            floor="floor_torch_import",
+        ),
+        Figure(
+            "torch_start_failed",
+            f"starts that failed or hung past 2 min (of {sizes.torch_start_reps})",
+            "starts",
+            True,
+        ),
+        Figure("torch_step_start", f"step: start {n} engines (until ready)", "s", True),
+        Figure("torch_step_import", f"step: `import torch.distributed` on {n} engines", "s", True),
+        Figure("torch_step_group", "step: form the group (`c.torch()`), torch imported", "s", True),
+        Figure("torch_step_all_reduce", "step: the first all_reduce, group formed", "s", True),
+        Figure(
+            "torch_import_launcher", "import the launcher in a fresh notebook process", "s", True
+        ),
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class Group:
+    """Figures printed as one table, and the peers measured beside jupyter-dist in it."""
+
+    title: str
+    figures: Callable[[Sizes], list[Figure]]
+    compared: list[str]
+
+    @property
+    def peers(self) -> list[str]:
+        return ["jupyter_dist", *self.compared, "floors"]
+
+
+GROUPS = {
+    "core": Group(
+        "jupyter-dist beside ipyparallel, Dask and Ray", catalog, ["ipyparallel", "dask", "ray"]
+    ),
+    "torch": Group(
+        "Start-up to the first torch.distributed collective",
+        torch_catalog,
+        ["torchrun", "accelerate"],
+    ),
+}
+PEERS = list(dict.fromkeys(p for group in GROUPS.values() for p in group.peers))
 
 
 def summary(samples: list[float]) -> tuple[float, float, float]:
@@ -115,6 +179,8 @@ def summary(samples: list[float]) -> tuple[float, float, float]:
 
 
 def _fmt(value: float) -> str:
+    if value == 0:
+        return "0"  # a count of failures
     if value >= 1000:
         return f"{value:,.0f}"
     if value >= 10:
@@ -144,28 +210,40 @@ def ratio(figure: Figure, ours: list[float] | None, theirs: list[float] | None) 
     return f"{times:.2f}x"
 
 
-def table(sizes: Sizes, results: dict[str, dict[str, list[float]]]) -> str:
-    """A Markdown table: each peer's median (min-max), then jupyter-dist's ratio to each peer."""
+def table(group: Group, sizes: Sizes, results: dict[str, dict[str, list[float]]]) -> str:
+    """A Markdown table: each peer's median (min-max), then jupyter-dist's ratio to each peer.
+
+    A ``floor_*`` figure fills only the floor column. A figure with a ``floor``
+    shows that floor in its own row, with a "vs floor" ratio (below 1: slower
+    than the floor, as jupyter-dist always is).
+    """
+    figures = group.figures(sizes)
+    has_floor_ratio = any(f.floor for f in figures)
     head = [
         "figure",
         "unit",
         "jupyter-dist",
-        *COMPARED,
+        *group.compared,
         "floor",
-        *(f"vs {p}" for p in COMPARED),
+        *(f"vs {p}" for p in group.compared),
+        *(["vs floor"] if has_floor_ratio else []),
     ]
+    floors = results.get("floors", {})
+    blank = [""] * len(group.compared)
     rows = [head, ["---"] * len(head)]
-    for figure in catalog(sizes):
-        is_floor = figure.key.startswith("floor_")
-        ours = results.get("jupyter_dist", {}).get(figure.key)
+    for figure in figures:
         row = [figure.label, figure.unit]
-        if is_floor:
-            row += ["", "", "", "", _cell(results.get("floors", {}).get(figure.key))]
-            row += ["", "", ""]
+        if figure.key.startswith("floor_"):
+            row += ["", *blank, _cell(floors.get(figure.key)), *blank]
+            row += [""] if has_floor_ratio else []
         else:
-            row.append(_cell(ours))
-            row += [_cell(results.get(p, {}).get(figure.key)) for p in COMPARED]
-            row.append("")
-            row += [ratio(figure, ours, results.get(p, {}).get(figure.key)) for p in COMPARED]
+            ours = results.get("jupyter_dist", {}).get(figure.key)
+            theirs = [results.get(p, {}).get(figure.key) for p in group.compared]
+            floor = floors.get(figure.floor) if figure.floor else None
+            row += [_cell(ours), *(_cell(t) for t in theirs)]
+            row.append(_cell(floor) if figure.floor else "")
+            row += [ratio(figure, ours, t) for t in theirs]
+            if has_floor_ratio:
+                row.append(ratio(figure, ours, floor) if figure.floor else "")
         rows.append(row)
     return "\n".join("| " + " | ".join(r) + " |" for r in rows)

@@ -1,16 +1,21 @@
 """Timing, memory and CPU measurements shared by the peers, and the peers' command line.
 
-Every peer module calls ``peer_main(run)``: it parses ``--out FILE`` and
-``--quick``, calls ``run(sizes, samples)`` and writes the samples it
-collected as JSON, also when a figure fails half way (the parent shows
-what came back and n/a for the rest).
+Every peer module calls ``peer_main({group: run, ...})`` with a function
+for each group of figures it measures (``core``, ``torch``): it parses
+``--out FILE``, ``--quick`` and ``--figures GROUPS``, calls ``run(sizes,
+samples)`` of each group asked for and writes the samples it collected as
+JSON, also when a figure fails half way (the parent shows what came back
+and n/a for the rest).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
+import subprocess
 import sys
 import time
 import traceback
@@ -34,6 +39,62 @@ def _seconds_each(fn: Callable[[], Any], reps: int, warmup: int) -> list[float]:
         fn()
         out.append(time.perf_counter() - start)
     return out
+
+
+def seconds(fn: Callable[[], Any]) -> float:
+    """Seconds of one call of ``fn``, for what can only be done once (a start, a first import)."""
+    return _seconds_each(fn, reps=1, warmup=0)[0]
+
+
+def import_seconds(statement: str, reps: int) -> list[float]:
+    """Seconds ``statement`` (an import) takes in each of ``reps`` fresh interpreters,
+    not counting the interpreter's own start."""
+    timed = f"import time; b = time.perf_counter(); {statement}; print(time.perf_counter() - b)"
+    return [
+        float(
+            subprocess.run(
+                [sys.executable, "-c", timed], capture_output=True, check=True, text=True
+            ).stdout
+        )
+        for _ in range(reps)
+    ]
+
+
+def record_starts(samples: Samples, key: str, start_once: Callable[[], float], reps: int) -> None:
+    """Record the seconds ``start_once()`` returns for each of ``reps`` starts as ``key``,
+    and as ``key_failed`` how many raised (failed, or hung past their timeout).
+
+    A failed start says why on stderr and is left out of the times, so one
+    hiccup of a loaded machine shows in its own row instead of blanking the figure.
+    """
+    failed = 0
+    for _ in range(reps):
+        try:
+            record(samples, key, start_once())
+        except Exception:
+            failed += 1
+            print(f"  a start failed ({key}):\n{traceback.format_exc()}", file=sys.stderr)
+    record(samples, f"{key}_failed", float(failed))
+
+
+def run_to_end(name: str, cmd: list[str], timeout_s: float) -> None:
+    """Run ``cmd`` (``name`` in messages) with its output captured; on a non-zero exit, or
+    past ``timeout_s``, raise with its output's end. Every process it started (its
+    session) ends with it."""
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        output, _ = proc.communicate(timeout=timeout_s)
+        outcome = f"exited {proc.returncode}"
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        outcome = f"hung for {timeout_s:.0f} s"
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)  # what it left behind, if anything
+    if outcome != "exited 0":
+        raise RuntimeError(f"{name} {outcome}; its output ended:\n{output[-3000:]}")
 
 
 def timed_ms(fn: Callable[[], Any], reps: int, warmup: int = 2) -> list[float]:
@@ -201,20 +262,30 @@ def run_clusters(
         record(samples, f"stop_{key}", stop(handle))
 
 
-def peer_main(run: Callable[[Sizes, Samples], None]) -> int:
-    """Run one peer's figures and write ``{"samples": ..., "versions": ..., "error": ...}``."""
+def peer_main(groups: dict[str, Callable[[Sizes, Samples], None]]) -> int:
+    """Run one peer's figures and write ``{"samples": ..., "error": ..., "pid": ...}``.
+
+    ``--figures core,torch`` picks the groups (all of this peer's by default);
+    a group this peer does not measure is skipped, and one that fails does
+    not keep the next from running.
+    """
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--figures", default=",".join(groups))
     args = parser.parse_args()
     sizes = Sizes.quick() if args.quick else Sizes()
     samples: Samples = {}
     error = ""
-    try:
-        run(sizes, samples)
-    except Exception:
-        error = traceback.format_exc()
-        print(error, file=sys.stderr)
+    for name in args.figures.split(","):
+        if name not in groups:
+            continue
+        try:
+            groups[name](sizes, samples)
+        except Exception:
+            failed = traceback.format_exc()
+            print(failed, file=sys.stderr)
+            error += failed
     with open(args.out, "w") as f:
         json.dump({"samples": samples, "error": error, "pid": os.getpid()}, f)
     return 1 if error else 0

@@ -1,10 +1,12 @@
-"""Run every peer in a child process of its own, then print one table with ratios.
+"""Run every peer in a child process of its own, then print the tables with ratios.
 
 ``python -m benchmarks`` (what ``make bench`` runs) measures jupyter-dist,
-ipyparallel, Dask, Ray and the floors in one go; ``--peers`` picks some,
-``--quick`` runs each figure once with tiny sizes (the smoke test), and
-``--json`` keeps the raw samples. A peer that is not installed, fails or
-runs past ``--timeout`` shows as n/a; the run goes on.
+ipyparallel, Dask, Ray, torchrun, accelerate and the floors in one go and
+prints a table for each group of figures; ``--figures`` picks groups
+(``core``, ``torch``), ``--peers`` picks peers, ``--quick`` runs each figure
+once with tiny sizes (the smoke test), and ``--json`` keeps the raw
+samples. A peer that is not installed, fails or runs past ``--timeout``
+shows as n/a; the run goes on.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from benchmarks.figures import PEERS, Sizes, table
+from benchmarks.figures import GROUPS, PEERS, Sizes, table
 
 # peer -> (module run in the child, the package it needs)
 MODULES = {
@@ -30,6 +32,8 @@ MODULES = {
     "ipyparallel": ("benchmarks.peers.ipyparallel_peer", "ipyparallel"),
     "dask": ("benchmarks.peers.dask_peer", "distributed"),
     "ray": ("benchmarks.peers.ray_peer", "ray"),
+    "torchrun": ("benchmarks.peers.torchrun_peer", "torch"),
+    "accelerate": ("benchmarks.peers.accelerate_peer", "accelerate"),
     "floors": ("benchmarks.peers.floors", "zmq"),
 }
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,19 +54,24 @@ def machine() -> dict[str, Any]:
         "platform": platform.platform(),
         "versions": {
             d: _version(d)
-            for d in ("jupyter-dist", "ipyparallel", "dask", "distributed", "ray", "pyzmq", "numpy")
+            for d in (
+                *("jupyter-dist", "ipyparallel", "dask", "distributed", "ray"),
+                *("torch", "accelerate", "pyzmq", "numpy"),
+            )
         },
     }
 
 
-def run_peer(peer: str, quick: bool, timeout_s: float) -> dict[str, Any]:
-    """Run one peer's module in a fresh interpreter; return its samples (empty on failure)."""
+def run_peer(peer: str, groups: list[str], quick: bool, timeout_s: float) -> dict[str, Any]:
+    """Run one peer's module on ``groups`` in a fresh interpreter; return its samples
+    (empty on failure)."""
     module, package = MODULES[peer]
     if importlib.util.find_spec(package) is None:
         return {"samples": {}, "error": f"{peer} is not installed (make bench installs it)"}
     with tempfile.TemporaryDirectory(prefix=f"bench-{peer}-") as tmp:
         out = Path(tmp) / "samples.json"
-        cmd = [sys.executable, "-m", module, "--out", str(out), *(["--quick"] if quick else [])]
+        cmd = [sys.executable, "-m", module, "--out", str(out), "--figures", ",".join(groups)]
+        cmd += ["--quick"] if quick else []
         env = {**os.environ, "JUPYTER_RUNTIME_DIR": tmp, "PYTHONPATH": str(ROOT)}
         started = time.perf_counter()
         print(f"== {peer}", file=sys.stderr, flush=True)
@@ -81,26 +90,38 @@ def run_peer(peer: str, quick: bool, timeout_s: float) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("--peers", default=",".join(PEERS), help="comma-separated subset")
+    parser.add_argument("--figures", default=",".join(GROUPS), help="comma-separated groups")
+    parser.add_argument("--peers", help="comma-separated subset (default: all of those groups)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, each figure once")
     parser.add_argument("--json", help="write raw samples and the machine here")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per peer")
     args = parser.parse_args(argv)
-    peers = [p.strip() for p in args.peers.split(",") if p.strip()]
-    unknown = set(peers) - set(MODULES)
-    if unknown:
-        parser.error(f"unknown peers {sorted(unknown)}; choose from {PEERS}")
+    groups = [g.strip() for g in args.figures.split(",") if g.strip()]
+    if set(groups) - set(GROUPS):
+        parser.error(
+            f"unknown figures {sorted(set(groups) - set(GROUPS))}; choose from {list(GROUPS)}"
+        )
+    in_groups = [p for p in PEERS if any(p in GROUPS[g].peers for g in groups)]
+    peers = [p.strip() for p in args.peers.split(",") if p.strip()] if args.peers else in_groups
+    if set(peers) - set(in_groups):
+        parser.error(
+            f"peers {sorted(set(peers) - set(in_groups))} measure none of the figures {groups}; "
+            f"choose from {in_groups}"
+        )
     sizes = Sizes.quick() if args.quick else Sizes()
     results: dict[str, dict[str, list[float]]] = {}
     errors: dict[str, str] = {}
     for peer in peers:
-        outcome = run_peer(peer, args.quick, args.timeout)
+        outcome = run_peer(
+            peer, [g for g in groups if peer in GROUPS[g].peers], args.quick, args.timeout
+        )
         results[peer] = outcome["samples"]
         if outcome.get("error"):
             errors[peer] = outcome["error"]
     info = machine()
-    print()
-    print(table(sizes, results))
+    for name in groups:
+        print(f"\n{GROUPS[name].title} (--figures {name}):\n")
+        print(table(GROUPS[name], sizes, results))
     print()
     versions = ", ".join(f"{k} {v}" for k, v in info["versions"].items())
     print(f"{info['cores']} cores, Python {info['python']}, {info['platform']}; {versions}")

@@ -12,6 +12,9 @@
   could take if nothing but these parts were on its path.
 * One large message over TCP loopback with pyzmq ``copy=False``, and the
   same bytes over a plain TCP socket; memcpy of the same size.
+* (``torch``) ``import torch`` in N fresh interpreters started together:
+  from the first launch until the last has imported (each prints its
+  ``time.monotonic()``). What N processes that use torch cannot start under.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import multiprocessing
 import os
 import queue
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -252,6 +257,19 @@ def memcpy_floor(sizes: Sizes, samples: Samples) -> None:
     )
 
 
+def torch_import_floor(sizes: Sizes, samples: Samples) -> None:
+    n = sizes.engines_large
+    timed = "import time, torch; print(time.monotonic())"
+    for _ in range(sizes.torch_start_reps):
+        begin = time.monotonic()
+        procs = [
+            subprocess.Popen([sys.executable, "-c", timed], stdout=subprocess.PIPE, text=True)
+            for _ in range(n)
+        ]
+        imported = [float(p.communicate(timeout=300)[0]) for p in procs]
+        record(samples, "floor_torch_import", max(imported) - begin)
+
+
 def run(sizes: Sizes, samples: Samples) -> None:
     broker_floor(sizes, samples)
     parts_floor(sizes, samples)
@@ -261,4 +279,4 @@ def run(sizes: Sizes, samples: Samples) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(peer_main(run))
+    raise SystemExit(peer_main({"core": run, "torch": torch_import_floor}))

@@ -116,4 +116,4 @@ def run(sizes: Sizes, samples: Samples) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(peer_main(run))
+    raise SystemExit(peer_main({"core": run}))

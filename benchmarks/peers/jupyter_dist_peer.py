@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from functools import partial
 
 import numpy as np
 
@@ -10,15 +11,19 @@ import jupyter_dist as jd
 from benchmarks.figures import Sizes
 from benchmarks.measure import (
     Samples,
+    import_seconds,
     mb_per_s,
     peer_main,
     rate,
     record,
     record_idle,
+    record_starts,
     record_timed_with_cpu,
     run_clusters,
+    seconds,
     timed_ms,
 )
+from benchmarks.peers.torch_worker import START_TIMEOUT_S
 from jupyter_dist import connection_file
 
 
@@ -74,5 +79,43 @@ def run(sizes: Sizes, samples: Samples) -> None:
     run_clusters(sizes, samples, start, stop, small_cluster_figures, large_cluster_figures)
 
 
+FIRST_ALL_REDUCE = "import torch, torch.distributed as dist; t = torch.ones(1); dist.all_reduce(t)"
+
+
+def torch_start(sizes: Sizes, samples: Samples) -> None:
+    """From the call to ``Cluster.start(torch=True)`` to the first all_reduce returning on every
+    engine, a fresh cluster each time; then the same start step by step on fresh clusters."""
+    n = sizes.engines_large
+    record(
+        samples,
+        "torch_import_launcher",
+        import_seconds("import jupyter_dist", sizes.torch_start_reps),
+    )
+
+    def start_once() -> float:
+        begin = time.perf_counter()
+        with jd.Cluster.start(n=n, torch=True, timeout_s=START_TIMEOUT_S) as c:  # stops it
+            c.run(FIRST_ALL_REDUCE)
+            took = time.perf_counter() - begin
+            c.run(f"assert t.item() == {n}, t")
+        return took
+
+    steps = {
+        "torch_step_import": lambda c: c.run("import torch.distributed"),
+        "torch_step_group": lambda c: c.torch(),
+        "torch_step_all_reduce": lambda c: c.run(FIRST_ALL_REDUCE),
+    }
+
+    def start_step_by_step() -> float:
+        c, took = start(n)
+        with c:
+            for key, step in steps.items():
+                record(samples, key, seconds(partial(step, c)))
+        return took
+
+    record_starts(samples, "torch_start", start_once, sizes.torch_start_reps)
+    record_starts(samples, "torch_step_start", start_step_by_step, sizes.torch_start_reps)
+
+
 if __name__ == "__main__":
-    raise SystemExit(peer_main(run))
+    raise SystemExit(peer_main({"core": run, "torch": torch_start}))
