@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from typing import Any, ClassVar
 
+import psutil
 import zmq
 
 from jupyter_dist import connection_file, shm, start_record
@@ -850,7 +851,9 @@ class Controller:
         for engine in self.registry.live():
             if paused_s > CHECK_INTERVAL_S:
                 engine.last_seen += paused_s
-            if now - engine.last_seen > HEARTBEAT_TIMEOUT_S:
+            silent_s = now - engine.last_seen
+            is_working = silent_s > HEARTBEAT_TIMEOUT_S / 2 and self._has_used_cpu(engine)
+            if silent_s > HEARTBEAT_TIMEOUT_S and not is_working:
                 self._on_engine_death(engine, None)
         if self.tasks.pending_count():
             self.last_busy = now
@@ -868,6 +871,24 @@ class Controller:
             self.shutdown()
             return
         self.loop.call_later(CHECK_INTERVAL_S, self._check_engines)
+
+    @staticmethod
+    def _has_used_cpu(engine: EngineRecord) -> bool:
+        """Whether a silent engine of this host used CPU since the last check: it is busy, not dead.
+
+        Code holding the GIL in C (a large import such as torch's on a loaded
+        machine, a long regex or big-number computation) starves the engine's
+        I/O thread of its heartbeats for seconds; a stopped or deadlocked
+        process uses no CPU, and is stopped as before.
+        """
+        if engine.process is None:
+            return False
+        try:
+            times = psutil.Process(engine.pid).cpu_times()
+        except psutil.Error:
+            return False
+        was, engine.cpu_s = engine.cpu_s, times.user + times.system
+        return was is not None and engine.cpu_s > was
 
     def _check_exits(self) -> None:
         """Engines whose process ended are dead; started ones that ended unregistered failed."""

@@ -32,6 +32,7 @@ class EngineRecord:
     process: Any = None  # a Popen-like handle when this controller started the engine
     metrics: dict[str, Any] = field(default_factory=dict)  # from the latest heartbeat
     heartbeats: int = 0  # received so far (the controller answers every few)
+    cpu_s: float | None = None  # its CPU time when last read (only while it is silent)
     memory_limit_bytes: int | None = None  # its resident memory may not pass this
     # Why the controller stopped it, told to the askers of the work it held.
     death_details: dict[str, Any] = field(default_factory=dict)

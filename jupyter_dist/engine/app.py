@@ -119,6 +119,7 @@ class Engine:
         self.start_record: StartRecord | None = None
         self.parent_pid = os.getppid()
         self.last_controller_contact = time.monotonic()
+        self.heartbeat_due = self.last_controller_contact  # when the next beat should run
         self.metrics = MetricsSampler()
         self.caller = EngineCaller(info.cluster_id, self._send_threadsafe)
         register_caller(info.cluster_id, self.caller)
@@ -144,7 +145,7 @@ class Engine:
             MsgType.REGISTER_REQUEST,
             {"pid": os.getpid(), "host": socket.gethostname(), "requested_id": self.requested_id},
         )
-        self.loop.call_later(HEARTBEAT_INTERVAL_S, self._heartbeat)
+        self._schedule_heartbeat(HEARTBEAT_INTERVAL_S)
         self.loop.run()
         self.metrics.close()
         sock.close(linger=1000)
@@ -263,8 +264,19 @@ class Engine:
         )
         self.registered.set()
 
+    def _schedule_heartbeat(self, delay_s: float) -> None:
+        self.heartbeat_due = time.monotonic() + delay_s
+        self.loop.call_later(delay_s, self._heartbeat)
+
     def _heartbeat(self) -> None:
-        silent_s = time.monotonic() - self.last_controller_contact
+        now = time.monotonic()
+        # Late by more than a beat: user code held the GIL (a large import, a long computation
+        # in C) and this thread could neither beat nor listen. That silence is this engine's
+        # own (the controller answers beats it never got), not the controller's.
+        late_s = now - self.heartbeat_due
+        if late_s > HEARTBEAT_INTERVAL_S:
+            self.last_controller_contact += late_s
+        silent_s = now - self.last_controller_contact
         if silent_s > CONTROLLER_TIMEOUT_S or os.getppid() != self.parent_pid:
             logger.error("the controller is gone (silent for %.0f s); engine exits", silent_s)
             self._shutdown()
@@ -276,7 +288,7 @@ class Engine:
                 {"engine_id": self.engine_id, "metrics": self.metrics.sample()},
             )
             self._check_memory()  # also catches growth the watch missed (it starts with work)
-        self.loop.call_later(self._heartbeat_interval_s(), self._heartbeat)
+        self._schedule_heartbeat(self._heartbeat_interval_s())
 
     def _has_work(self) -> bool:
         has_actors = self.actors is not None and self.actors.has_actors

@@ -20,6 +20,7 @@ import zmq
 
 import jupyter_dist as jd
 from jupyter_dist import connection_file
+from jupyter_dist.controller.app import CHECK_INTERVAL_S, HEARTBEAT_TIMEOUT_S
 from jupyter_dist.protocol import DELIM, MsgType, Session
 from tests.waiting import poll_for, wait_for_exit
 
@@ -355,6 +356,28 @@ def test_silent_engine_is_declared_dead_by_heartbeat(fresh_cluster: jd.Cluster) 
         lambda: not psutil.pid_exists(victim.pid), 10, "the stopped engine ended by its controller"
     )
     assert c.run("'ok'") == ["ok"]
+
+
+def test_an_engine_computing_while_holding_the_gil_is_busy_not_dead(
+    fresh_cluster: jd.Cluster,
+) -> None:
+    # Its I/O thread sends no heartbeat while math.factorial holds the GIL; the process
+    # uses CPU all along, which tells the controller it works (as a large import does).
+    def hold_the_gil_computing() -> float:
+        import math
+        import time
+
+        started = time.monotonic()
+        math.factorial(900_000)  # about 8 s of one core here, all of it holding the GIL
+        return time.monotonic() - started
+
+    c = fresh_cluster
+    pid = c.status()[0].pid
+    took_s = c[0].apply(hold_the_gil_computing)
+    if took_s <= HEARTBEAT_TIMEOUT_S + CHECK_INTERVAL_S:
+        pytest.skip(f"this machine held the GIL only {took_s:.1f} s: too fast to be silent")
+    assert c.status()[0].pid == pid
+    assert c.status()[0].state != "dead"
 
 
 def test_a_silent_idle_engine_is_declared_dead_too(fresh_cluster: jd.Cluster) -> None:
