@@ -49,6 +49,10 @@ CHECK_INTERVAL_S = 1.0
 # A change of state is published this long after it, with the changes made meanwhile.
 PUBLISH_DELAY_S = 0.25
 ORPHAN_TIMEOUT_S = 20.0
+# A local engine silent this long has its CPU time read at each check, so that one check
+# before the timeout there is a reading to compare with. Past an idle engine's beat
+# interval (2 s), so that idle engines cost no reading.
+CPU_READ_AFTER_S = HEARTBEAT_TIMEOUT_S - 1.5 * CHECK_INTERVAL_S
 # An engine hears from the controller at least every this many heartbeats (it gives up
 # after 10 s of silence); replying to each one cost two wake-ups per engine and second.
 HEARTBEATS_PER_REPLY = 3
@@ -852,7 +856,7 @@ class Controller:
             if paused_s > CHECK_INTERVAL_S:
                 engine.last_seen += paused_s
             silent_s = now - engine.last_seen
-            is_working = silent_s > HEARTBEAT_TIMEOUT_S / 2 and self._has_used_cpu(engine)
+            is_working = silent_s > CPU_READ_AFTER_S and self._has_used_cpu(engine)
             if silent_s > HEARTBEAT_TIMEOUT_S and not is_working:
                 self._on_engine_death(engine, None)
         if self.tasks.pending_count():
