@@ -49,7 +49,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse that reports bad options as IPython usage errors instead of exiting."""
 
     def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{self.prog}: {message}. See `{self.prog} --help`.")
+        raise UsageError(f"{self.prog}: {message.rstrip('.')}. See `{self.prog} --help`.")
 
     def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
         if message:
