@@ -199,6 +199,25 @@ def _rebuild_tensor(
     return tensor
 
 
+# The CUDA device of the thread that last sent work from this process (a notebook's), if it
+# uses CUDA: results are unpickled on the client's I/O thread, whose current device is 0.
+_senders_cuda_device: int | None = None
+
+
+def note_senders_cuda_device() -> None:
+    """Make CUDA tensors that arrive later land on the calling thread's current device.
+
+    The client calls it in the user's thread as work is sent, so that a
+    notebook that chose ``torch.cuda.set_device(1)`` gets its results on
+    ``cuda:1``. Costs a dictionary lookup where torch is not imported, and
+    never initialises CUDA.
+    """
+    global _senders_cuda_device
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        _senders_cuda_device = torch.cuda.current_device()
+
+
 # Whether this process has warned that a device tensor stayed on its CPU: once is enough.
 _has_warned_kept_on_cpu = False
 
@@ -213,7 +232,8 @@ def _device_here(torch: Any, device_type: str) -> Any:
     is_available = getattr(backend, "is_available", None)
     if is_available is not None and is_available():
         if device_type == "cuda":
-            return torch.device("cuda", torch.cuda.current_device())
+            index = _senders_cuda_device
+            return torch.device("cuda", torch.cuda.current_device() if index is None else index)
         return torch.device(device_type)
     global _has_warned_kept_on_cpu
     if not _has_warned_kept_on_cpu:

@@ -48,7 +48,7 @@ from jupyter_dist.protocol import (
     unpack_or_drop,
 )
 from jupyter_dist.security import secure_client
-from jupyter_dist.serialize import deserialize, serialize
+from jupyter_dist.serialize import deserialize, note_senders_cuda_device, serialize
 from jupyter_dist.torch_group import TorchGroup
 
 logger = logging.getLogger(__name__)
@@ -127,6 +127,7 @@ class Connection:
     ) -> Future:
         """Send a task request; the future resolves with its result, its output goes to ``output``."""
         task_id = content["task_id"]
+        note_senders_cuda_device()  # results are unpickled on the I/O thread: use this thread's GPU
         content["client_host"] = self.host  # engines on this host reply through shared memory
         content["acks"] = True  # the controller keeps the result until this client confirms it
         future = Future(task_id, content.get("target"), on_cancel=lambda: self.cancel([task_id]))

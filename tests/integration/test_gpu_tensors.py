@@ -112,3 +112,15 @@ def test_scatter_of_a_cuda_tensor_puts_each_chunk_on_its_engines_gpu(cluster: jd
     assert gathered.device == _notebook_device()
     assert torch.equal(gathered, tensor.to(gathered.device))
     cluster.run("del rows")
+
+
+def test_results_land_on_the_device_the_notebook_chose(gpu_engine: jd.Cluster) -> None:
+    # Results are unpickled on the client's I/O thread, whose own current device is 0.
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs in the notebook's process")
+    torch.cuda.set_device(1)
+    try:
+        back = gpu_engine[0].apply(lambda: __import__("torch").ones(3, device="cuda"))
+        assert back.device == torch.device("cuda", 1)
+    finally:
+        torch.cuda.set_device(0)
