@@ -26,7 +26,7 @@ from typing import Any
 
 import psutil
 
-from jupyter_dist.context import update_engine_context
+from jupyter_dist.context import engine_context, update_engine_context
 
 DEFAULT_TIMEOUT_S = 60.0
 _ENV_NAMES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -144,8 +144,6 @@ def cut_connections() -> int:
 
 def describe() -> tuple[TorchGroup | None, int, str, int]:
     """This engine as a group needs it: its group, pid, host and number of GPUs."""
-    from jupyter_dist.context import engine_context
-
     context = engine_context()
     return current(), context.pid, context.host, len(context.gpus)
 
@@ -165,8 +163,6 @@ def form(group: TorchGroup, local_ranks: dict[int, tuple[int, int]]) -> None:
     global _group, _is_cut
     import torch
     import torch.distributed as dist
-
-    from jupyter_dist.context import engine_context
 
     engine_id = engine_context().engine_id
     rank = group.ranks[engine_id]

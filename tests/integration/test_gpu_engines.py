@@ -5,7 +5,6 @@ Skipped where there is no GPU (this project's CI machine); run on the device mac
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pytest
 import jupyter_dist as jd
 from jupyter_dist.gpus import list_gpus
 from tests.conftest import _run_cluster
+from tests.waiting import poll_for
 
 torch = pytest.importorskip("torch")
 
@@ -46,14 +46,13 @@ def test_one_engine_per_gpu_each_pinned_to_its_own(gpu_cluster: jd.Cluster) -> N
 
 def test_nvml_shows_each_engines_own_gpu_memory(gpu_cluster: jd.Cluster) -> None:
     gpu_cluster.run("import torch\nheld = torch.empty(256 << 20, dtype=torch.uint8, device='cuda')")
-    deadline = time.monotonic() + 10
-    while True:
+
+    def every_engine_shows_its_memory() -> bool:
         engines = gpu_cluster.status()
         held = [e.gpus[0].get("process_memory_bytes") or 0 for e in engines if e.gpus]
-        if len(held) == len(engines) and all(b >= 256 << 20 for b in held):
-            break
-        assert time.monotonic() < deadline, f"NVML never showed the engines' memory: {held}"
-        time.sleep(0.2)
+        return len(held) == len(engines) and all(b >= 256 << 20 for b in held)
+
+    poll_for(every_engine_shows_its_memory, 10, "NVML showing each engine's memory", 0.2)
     gpu_cluster.run("del held")
 
 

@@ -18,6 +18,7 @@ from jupyter_dist.launchers import local
 from tests.conftest import _run_cluster
 from tests.integration.kernel_session import KernelSession
 from tests.nvidia import has_nvidia_driver
+from tests.waiting import poll_for
 
 ALL_REDUCE = (
     "import torch, torch.distributed as dist\n"
@@ -71,9 +72,11 @@ def test_engines_learn_the_cluster_size_as_engines_die_and_return(
 ) -> None:
     c = fresh_cluster
     os.kill(c.status()[1].pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while c[0].apply(lambda: jd.engine_context().n_engines) != 1:
-        assert time.monotonic() < deadline, "engine 0 never learned that engine 1 died"
+    poll_for(
+        lambda: c[0].apply(lambda: jd.engine_context().n_engines) == 1,
+        10,
+        "engine 0 learning that engine 1 died",
+    )
     c.restart([1])
     assert [ctx.n_engines for ctx in c.apply(jd.engine_context)] == [2, 2]
 
@@ -198,11 +201,9 @@ def test_each_engine_gets_its_own_visible_devices_also_after_a_restart(
     cluster_id = "gpus-" + os.urandom(4).hex()
     process = local.start_controller(cluster_id, 2, "127.0.0.1", runtime_dir, engine_gpus=plan)
     try:
-        deadline = time.monotonic() + 30
-        while not connection_file.path_for(cluster_id).exists():
-            assert process.poll() is None
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        path = connection_file.path_for(cluster_id)
+        poll_for(lambda: path.exists() or process.poll() is not None, 30, "the controller up")
+        assert process.poll() is None
         c = jd.Cluster.connect(cluster_id)
         c.wait_for_engines(2, 30)
         read = "import os\nos.environ.get('CUDA_VISIBLE_DEVICES')"
@@ -271,10 +272,7 @@ def test_an_interrupt_ends_a_collective_before_the_group_timeout(
     entered = tmp_path / "entered"
     # Engine 1 never joins: gloo would wait 120 s, and no signal wakes it.
     future = c[0].run(f"open({str(entered)!r}, 'w').close()\n" + ALL_REDUCE, block=False)
-    deadline = time.monotonic() + 30
-    while not entered.exists():
-        assert time.monotonic() < deadline, "the cell never started"
-        time.sleep(0.02)
+    poll_for(entered.exists, 30, "the cell started")
     started = time.monotonic()
     c.interrupt([0])
     with pytest.raises(jd.RemoteError):
